@@ -1,0 +1,413 @@
+"""The rollout stream: the one place where the env and the learner meet.
+
+``RolloutStream`` is an ``IterableDataset`` that steps the envs with the current actor plus exploration noise (uniform
+random actions before ``learning_starts``), writes every transition into the replay buffer, and yields sampled
+batches. The learner (``TD3Module``) only learns; the envs never import Lightning.
+
+With asynchronous envs the stream issues the env step, yields the batches due (the learner updates while the env
+worker processes compute), then waits for the step and lets the transitions land in the buffer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import gymnasium as gym
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_td3.buffer import ReplayBuffer, Transition
+from lit_td3.config import ConfigError, check
+from lit_td3.envs import DISCARD_KEY, check_env_id, make_env
+from lit_td3.scalars import log_scalars
+
+if TYPE_CHECKING:
+    from lit_td3.module import TD3Module
+
+EVAL_SEED_OFFSET = 1_000_003
+"""Evaluation episodes use seeds far from the training episodes' so they never replay a training track."""
+
+
+@dataclass
+class EpisodeResult:
+    """One finished episode: what the stream and the evaluation log under ``rollout/*`` and ``eval/*``."""
+
+    episode_return: float
+    length: int
+    info: dict[str, float] = field(default_factory=dict)
+    frames: np.ndarray | None = None  # T×H×W uint8, kept for the first evaluation episode only
+
+
+def numeric_info(info: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flattens the numeric scalars of an env's final ``info`` (nested dicts joined with '/')."""
+    out: dict[str, float] = {}
+    for key, value in info.items():
+        if isinstance(value, Mapping):
+            out.update(numeric_info(value, f"{prefix}{key}/"))
+        elif isinstance(value, (bool, int, float, np.number, np.bool_)) or (
+            isinstance(value, np.ndarray) and value.shape == ()
+        ):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def final_info_of(infos: Mapping[str, Any], env: int) -> dict[str, Any]:
+    """The final ``info`` of vector slot ``env`` from gymnasium's vectorised info format (``key`` + ``_key`` mask)."""
+    final = infos.get("final_info", {})
+    return {k: v[env] for k, v in final.items() if not k.startswith("_") and final.get(f"_{k}", [False] * (env + 1))[env]}
+
+
+class RolloutStream(IterableDataset):
+    """Steps the envs, fills the buffer, and yields training batches at the configured replay ratio."""
+
+    def __init__(self, datamodule: RolloutDataModule, agent: TD3Module) -> None:
+        super().__init__()
+        self.dm = datamodule
+        self.agent = agent
+
+    def __iter__(self) -> Iterator[Transition]:
+        # Lightning calls __iter__ again on a new epoch or after a restart of the fit loop: continue the running
+        # envs, never reset them (LIGHTNING_NOTES 4).
+        dm, counters = self.dm, self.agent.counters
+        envs = dm.training_envs()
+        while counters.env_steps < dm.total_env_steps:
+            actions = dm.explore(envs, self.agent)
+            t0 = time.perf_counter()
+            if isinstance(envs, gym.vector.AsyncVectorEnv):
+                envs.step_async(actions)
+                yield from self._batches_due()
+                t0 = time.perf_counter()
+                step = envs.step_wait()
+            else:
+                yield from self._batches_due()
+                t0 = time.perf_counter()
+                step = envs.step(actions)
+            dm.timings.add("env_ms", time.perf_counter() - t0)
+            dm.record(actions, *step, counters=counters)
+        # The run is over at data.total_env_steps, whichever epoch this is (a resumed run starts a new one).
+        self.agent.trainer.should_stop = True
+
+    def _batches_due(self) -> Iterator[Transition]:
+        dm = self.dm
+        if self.agent.counters.env_steps < dm.learning_starts:
+            return
+        dm.update_credit += dm.num_envs * dm.replay_ratio
+        while dm.update_credit >= 1.0:
+            dm.update_credit -= 1.0
+            t0 = time.perf_counter()
+            batch = dm.buffer.sample(dm.batch_size)
+            dm.timings.add("sample_ms", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            yield batch
+            # Time away from the generator: the update (and Lightning's loop around it).
+            dm.timings.add("update_ms", time.perf_counter() - t0)
+
+
+class EvaluationEpisodes(IterableDataset):
+    """Deterministic evaluation episodes as a dataset, so ``python -m lit_td3 validate`` runs them."""
+
+    def __init__(self, datamodule: RolloutDataModule, agent: TD3Module) -> None:
+        super().__init__()
+        self.dm, self.agent = datamodule, agent
+
+    def __iter__(self) -> Iterator[EpisodeResult]:
+        yield from self.dm.evaluate(self.agent.act)
+
+
+class Timings:
+    """Mean wall-clock time per stage since the last log point, and the rates; flushed as ``perf/*`` scalars."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.since = time.perf_counter()
+        self.env_steps = self.updates = 0
+
+    def add(self, key: str, seconds: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + seconds
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def flush(self, env_steps: int, updates: int) -> dict[str, float]:
+        """Means since the last flush, given the run's current env-step and update totals."""
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        out = {f"perf/{k}": 1000.0 * self.sums[k] / self.counts[k] for k in self.sums}
+        out["perf/env_steps_per_s"] = (env_steps - self.env_steps) / elapsed
+        out["perf/updates_per_s"] = (updates - self.updates) / elapsed
+        self.sums, self.counts, self.since = {}, {}, now
+        self.env_steps, self.updates = env_steps, updates
+        return out
+
+
+class RolloutDataModule(pl.LightningDataModule):
+    """Envs, replay buffer and the rollout stream; every run length and cadence here is counted in env steps."""
+
+    def __init__(
+        self,
+        env_id: str = "CarRacing-v3",
+        env_kwargs: dict[str, Any] | None = None,
+        max_episode_steps: int | None = None,
+        frame_stack: int = 4,
+        image_size: int = 84,
+        num_envs: int = 1,
+        async_envs: bool = True,
+        total_env_steps: int = 1_000_000,
+        learning_starts: int = 10_000,
+        buffer_size: int = 1_000_000,
+        batch_size: int = 256,
+        exploration_noise: float = 0.1,
+        replay_ratio: float = 1.0,
+        buffer_device: str = "cpu",
+        eval_episodes: int = 10,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            env_id: A registered gymnasium id (``CarRacing-v3``, ``Pendulum-v1``, ``lit_td3/CarlaLaneKeeping-v0``, ...).
+            env_kwargs: Keyword arguments for ``gymnasium.make`` (the CARLA env takes its server and scenario here).
+            max_episode_steps: Time limit per episode (truncation, which bootstraps); ``null`` keeps the env's own.
+            frame_stack: Frames per image observation (RGB envs are turned to grayscale and stacked).
+            image_size: Side of the square grayscale frames fed to the CNNs.
+            num_envs: Envs stepped together (one gymnasium vector env); each env step counts once.
+            async_envs: Run the envs in worker processes so that they step while the learner updates.
+            total_env_steps: Env steps of the whole run (over all envs and ranks); the run ends there.
+            learning_starts: Env steps of uniform random actions before the first update.
+            buffer_size: Replay buffer capacity in transitions.
+            batch_size: Transitions per update.
+            exploration_noise: Std of the Gaussian action noise, as a fraction of the half action range.
+            replay_ratio: Updates per env step (1/8 = one update every 8 env steps).
+            buffer_device: Where the replay buffer lives (``cpu`` or ``cuda``: sampling then never leaves the GPU).
+            eval_episodes: Deterministic episodes per evaluation.
+            seed: Base seed of the env episodes (episode k of env i is seeded from it, i and k).
+        """
+        super().__init__()
+        check_env_id(env_id)
+        check("data.frame_stack", frame_stack, frame_stack >= 1, "a positive number of frames")
+        check("data.image_size", image_size, image_size >= 36, "at least 36 pixels (NatureCNN's smallest input)")
+        check("data.num_envs", num_envs, num_envs >= 1, "at least 1")
+        check("data.total_env_steps", total_env_steps, total_env_steps >= 1, "at least 1")
+        check("data.learning_starts", learning_starts, 0 <= learning_starts <= total_env_steps,
+              f"between 0 and data.total_env_steps={total_env_steps}")
+        check("data.buffer_size", buffer_size, buffer_size >= 1, "at least 1")
+        check("data.batch_size", batch_size, 1 <= batch_size <= buffer_size,
+              f"between 1 and data.buffer_size={buffer_size}")
+        check("data.batch_size", batch_size, batch_size <= max(learning_starts, 1) or learning_starts == 0,
+              f"at most data.learning_starts={learning_starts}, or the first update would sample an unfilled buffer")
+        check("data.exploration_noise", exploration_noise, exploration_noise >= 0, "non-negative")
+        check("data.replay_ratio", replay_ratio, replay_ratio > 0, "positive")
+        check("data.max_episode_steps", max_episode_steps, max_episode_steps is None or max_episode_steps >= 1,
+              "null or at least 1")
+        check("data.eval_episodes", eval_episodes, eval_episodes >= 0, "non-negative")
+        check("data.buffer_device", buffer_device, buffer_device.split(":")[0] in {"cpu", "cuda"}, "'cpu' or 'cuda'")
+        self.save_hyperparameters()
+        self.env_id, self.env_kwargs = env_id, dict(env_kwargs or {})
+        self.max_episode_steps, self.frame_stack, self.image_size = max_episode_steps, frame_stack, image_size
+        self.num_envs, self.async_envs = num_envs, async_envs
+        self.total_env_steps, self.learning_starts = total_env_steps, learning_starts
+        self.buffer_size, self.batch_size, self.buffer_device = buffer_size, batch_size, buffer_device
+        self.exploration_noise, self.replay_ratio = exploration_noise, replay_ratio
+        self.eval_episodes, self.seed = eval_episodes, seed
+
+        self.observation_shapes: dict[str, list[int]] = {}
+        self.action_dim = 0
+        self.buffer: ReplayBuffer | None = None
+        self.envs: gym.vector.VectorEnv | None = None
+        self.update_credit = 0.0
+        self.timings = Timings()
+        self.rng = np.random.default_rng(seed)
+        self._obs: dict[str, np.ndarray] | None = None
+        self._episode_returns = np.zeros(num_envs)
+        self._episode_lengths = np.zeros(num_envs, dtype=np.int64)
+        self._episodes_per_env = [0] * num_envs
+        self._resumed = False
+        self.last_episode: EpisodeResult | None = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _env_fn(self, env_index: int, seed: int, first_episode: int) -> Callable[[], gym.Env]:
+        return partial(
+            make_env, self.env_id, self.env_kwargs, seed=seed, env_index=env_index, first_episode=first_episode,
+            max_episode_steps=self.max_episode_steps, frame_stack=self.frame_stack, image_size=self.image_size,
+        )
+
+    def probe_spaces(self) -> None:
+        """Reads the observation shapes and action size from one env instance (CARLA's connects only on reset)."""
+        env = self._env_fn(0, self.seed, 0)()
+        try:
+            self.observation_shapes = {k: list(s.shape) for k, s in env.observation_space.spaces.items()}
+            self.action_dim = int(env.action_space.shape[0])
+        finally:
+            env.close()
+
+    def setup(self, stage: str) -> None:
+        if not self.observation_shapes:
+            self.probe_spaces()
+        if stage == "fit" and self.buffer is None:
+            self.buffer = ReplayBuffer(
+                capacity=self.buffer_size, observation_shapes=self.observation_shapes, action_dim=self.action_dim,
+                num_envs=self.num_envs, device=self.buffer_device, seed=self.seed + self.rank,
+            )
+
+    def global_env_index(self, slot: int) -> int:
+        return self.rank * self.num_envs + slot
+
+    def training_envs(self) -> gym.vector.VectorEnv:
+        """The training envs, built on first use (after a checkpoint restore, so episode seeds continue)."""
+        if self.envs is None:
+            fns = [
+                self._env_fn(g, self.seed + 7919 * g, self._episodes_per_env[i])
+                for i, g in enumerate(self.global_env_index(i) for i in range(self.num_envs))
+            ]
+            vector_cls = gym.vector.AsyncVectorEnv if self.async_envs else gym.vector.SyncVectorEnv
+            self.envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **self._vector_kwargs())
+            # Lightning skips teardown when fit raises: without this, worker processes would outlive the run.
+            atexit.register(self.teardown, "fit")
+            self._obs, _ = self.envs.reset()
+            if self._resumed:
+                # The env state died with the process: the episode the checkpoint cut ends here, as truncated.
+                self.buffer.mark_episode_boundary()
+        return self.envs
+
+    def _vector_kwargs(self) -> dict[str, Any]:
+        # forkserver: a forked worker inherits the learner's OpenMP thread pool state and the two fight for the
+        # cores (a 10x slowdown measured on 2 cores); a fresh interpreter per worker does not.
+        return {"context": "forkserver"} if self.async_envs else {}
+
+    def train_dataloader(self) -> DataLoader:
+        # Batches are built by the stream; one process only (LIGHTNING_NOTES 6): workers would copy env and buffer.
+        return DataLoader(RolloutStream(self, self.trainer.lightning_module), batch_size=None, num_workers=0,
+                          pin_memory=self.buffer_device == "cpu" and torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.trainer.state.fn == "fit":
+            return []  # during fit, evaluation runs on its env-step cadence (callbacks.EvaluationCallback)
+        return DataLoader(EvaluationEpisodes(self, self.trainer.lightning_module), batch_size=None, num_workers=0,
+                          collate_fn=lambda x: x)
+
+    def teardown(self, stage: str) -> None:
+        if self.envs is not None:
+            self.envs.close()
+            self.envs = None
+
+    # ----------------------------------------------------------------------------------------------- rollout
+    def explore(self, envs: gym.vector.VectorEnv, agent: TD3Module) -> np.ndarray:
+        """Uniform random actions before ``learning_starts``, then mu(s) + N(0, sigma), clipped to [-1, 1]."""
+        shape = (self.num_envs, self.action_dim)
+        if agent.counters.env_steps < self.learning_starts:
+            return self.rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+        action = agent.act(self._obs) + self.rng.normal(0.0, self.exploration_noise, shape)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def record(self, actions: np.ndarray, next_obs: dict[str, np.ndarray], reward: np.ndarray,
+               terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any], *, counters: Any) -> None:
+        """Writes one vector step into the buffer and closes the episodes that ended in it."""
+        done = terminated | truncated
+        real_next = {k: v.copy() for k, v in next_obs.items()}
+        for i in np.flatnonzero(done):
+            for k, v in infos["final_obs"][i].items():
+                real_next[k][i] = v  # SAME_STEP autoreset: next_obs already holds the reset observation
+        discard = np.array([bool(final_info_of(infos, i).get(DISCARD_KEY, False)) for i in range(self.num_envs)]) \
+            if done.any() else np.zeros(self.num_envs, dtype=bool)
+        self.buffer.add(self._obs, actions, reward.astype(np.float32), real_next, terminated, truncated,
+                        valid=~discard)
+        self._obs = next_obs
+        counters.env_steps += self.num_envs
+        self._episode_returns += np.where(discard, 0.0, reward)
+        self._episode_lengths += 1
+        for i in np.flatnonzero(done):
+            info = numeric_info(final_info_of(infos, i))
+            info.pop(DISCARD_KEY, None)
+            info["faults"] = float(discard[i])
+            self._close_episode(i, info, counters)
+        self._log_progress(counters)
+
+    def _close_episode(self, i: int, info: dict[str, float], counters: Any) -> None:
+        result = EpisodeResult(float(self._episode_returns[i]), int(self._episode_lengths[i]), info)
+        self._episode_returns[i], self._episode_lengths[i] = 0.0, 0
+        self._episodes_per_env[i] += 1
+        counters.episodes += 1
+        metrics = {"rollout/episode_return": result.episode_return, "rollout/episode_length": float(result.length)}
+        metrics.update({f"rollout/{k}": v for k, v in result.info.items()})
+        self.last_episode = result
+        log_scalars(self.trainer, metrics, counters.env_steps)
+
+    def _log_progress(self, counters: Any) -> None:
+        every = self.trainer.lightning_module.log_every_n_env_steps
+        if counters.env_steps // every == (counters.env_steps - self.num_envs) // every:
+            return
+        metrics = self.timings.flush(counters.env_steps, counters.critic_updates)
+        metrics["rollout/buffer_size"] = float(len(self.buffer))
+        log_scalars(self.trainer, metrics, counters.env_steps)
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, act: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+                 episodes: int | None = None) -> Iterator[EpisodeResult]:
+        """Deterministic episodes on a separate env; the first keeps its frames for the video strip."""
+        # Its own env index past the training envs: a CARLA eval env needs a server of its own.
+        eval_index = self.world_size * self.num_envs + self.rank
+        env = self._env_fn(eval_index, self.seed + EVAL_SEED_OFFSET, 0)()
+        try:
+            for k in range(self.eval_episodes if episodes is None else episodes):
+                yield self._eval_episode(env, act, keep_frames=k == 0)
+        finally:
+            env.close()
+
+    @staticmethod
+    def _eval_episode(env: gym.Env, act: Callable, keep_frames: bool) -> EpisodeResult:
+        obs, _ = env.reset()
+        frames, total, length = [], 0.0, 0
+        while True:
+            if keep_frames and "image" in obs:
+                frames.append(obs["image"][-1])
+            action = act({k: v[None] for k, v in obs.items()})[0]
+            obs, reward, terminated, truncated, info = env.step(action)
+            total, length = total + float(reward), length + 1
+            if terminated or truncated:
+                info = numeric_info(info)
+                info.pop(DISCARD_KEY, None)
+                return EpisodeResult(total, length, info, np.stack(frames) if frames else None)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What the stream needs to continue exactly: exploration RNG, replay credit, per-env episode indices.
+
+        The buffer itself is written beside the checkpoint by ``callbacks.EnvStepCheckpoint`` (it is gigabytes).
+        """
+        return {
+            "rng": self.rng.bit_generator.state,
+            "update_credit": self.update_credit,
+            "episodes_per_env": list(self._episodes_per_env),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by {state['world_size']} rank(s), this run has {self.world_size}: "
+                "each rank's replay-buffer shard and env seeds belong to its rank; resume with the same "
+                "--trainer.devices/--trainer.num_nodes"
+            )
+        self.rng.bit_generator.state = state["rng"]
+        self.update_credit = state["update_credit"]
+        self._episodes_per_env = list(state["episodes_per_env"])
+        self._resumed = True
+
+    def buffer_path(self, directory: str | os.PathLike) -> str:
+        suffix = f"-rank{self.rank}" if self.world_size > 1 else ""
+        return os.path.join(directory, f"replay_buffer{suffix}.pt")

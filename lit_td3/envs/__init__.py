@@ -1,0 +1,53 @@
+"""The env factory: any registered gymnasium id, made to lit_td3's conventions (see ``wrappers``).
+
+CARLA registers its own id here without importing the ``carla`` client: the env imports it when it connects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import gymnasium as gym
+
+from lit_td3.envs.wrappers import DISCARD_KEY, SeedEachEpisode, conform
+
+CARLA_ENV_ID = "lit_td3/CarlaLaneKeeping-v0"
+
+if CARLA_ENV_ID not in gym.registry:
+    gym.register(id=CARLA_ENV_ID, entry_point="lit_td3.envs.carla:CarlaLaneKeepingEnv", kwargs={"env_index": 0})
+
+__all__ = ["CARLA_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
+
+
+def check_env_id(env_id: str) -> None:
+    """Fails with gymnasium's own suggestion ("Did you mean ...") for an unknown id, without building the env."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as err:
+        raise ValueError(f"data.env_id={env_id!r} is not a registered gymnasium env: {err}") from None
+
+
+def make_env(
+    env_id: str,
+    env_kwargs: Mapping[str, Any] | None = None,
+    *,
+    seed: int,
+    env_index: int = 0,
+    first_episode: int = 0,
+    max_episode_steps: int | None = None,
+    frame_stack: int = 4,
+    image_size: int = 84,
+) -> gym.Env:
+    """Builds one env: observations as dicts, actions in [-1, 1], episode k seeded with ``seed + k``.
+
+    ``env_index`` is the env's global index over all ranks and vector slots; envs that take it (CARLA: its ports are
+    offset by it) receive it, others never see it.
+    """
+    kwargs = dict(env_kwargs or {})
+    if "env_index" in (gym.spec(env_id).kwargs or {}):
+        kwargs["env_index"] = env_index
+    if max_episode_steps is not None:
+        kwargs["max_episode_steps"] = max_episode_steps
+    env = conform(gym.make(env_id, **kwargs), frame_stack, image_size)
+    return SeedEachEpisode(env, base_seed=seed, first_episode=first_episode)

@@ -1,0 +1,100 @@
+"""Gymnasium wrappers that give every env lit_td3's observation and action conventions.
+
+Observations become a dict with ``image`` (uint8 frame stack, S×H×W) and/or ``vector`` (float32); actions become the
+box [-1, 1]^A whatever the env's own bounds. This module never imports torch or Lightning: it also runs inside
+gymnasium's vector-env worker processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, SupportsFloat
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+DISCARD_KEY = "discard_transition"
+"""An env sets ``info[DISCARD_KEY] = True`` on a step that produced no real transition (simulator fault, non-finite
+output): the episode ends as truncated and the stream writes nothing for that step."""
+
+
+class DictObservation(gym.ObservationWrapper):
+    """Wraps a Box observation as ``{key: obs}`` so networks and buffer see one shape of data."""
+
+    def __init__(self, env: gym.Env, key: str) -> None:
+        super().__init__(env)
+        self.key = key
+        box = env.observation_space
+        if key == "vector":
+            box = spaces.Box(box.low.astype(np.float32), box.high.astype(np.float32), dtype=np.float32)
+        self.observation_space = spaces.Dict({key: box})
+
+    def observation(self, observation: Any) -> dict[str, np.ndarray]:
+        if self.key == "vector":
+            observation = np.asarray(observation, dtype=np.float32)
+        return {self.key: observation}
+
+
+class RejectNonFinite(gym.Wrapper):
+    """Ends the episode (truncated, transition discarded) when the env returns a NaN/inf observation or reward.
+
+    A single non-finite value written to the replay buffer would poison every critic target that samples it.
+    """
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if np.isfinite(reward) and all(np.isfinite(v).all() for v in obs.values()):
+            return obs, reward, terminated, truncated, info
+        info = {**info, DISCARD_KEY: True, "nonfinite_env_output": 1.0}
+        return obs, 0.0, False, True, info
+
+
+class SeedEachEpisode(gym.Wrapper):
+    """Resets episode k with seed ``base_seed + k``, so trajectories are a function of the episode index alone.
+
+    That is what makes a resumed run follow the same episodes as an uninterrupted one: the env's internal state cannot
+    be checkpointed, but its episode index can.
+    """
+
+    def __init__(self, env: gym.Env, base_seed: int, first_episode: int = 0) -> None:
+        super().__init__(env)
+        self.base_seed = base_seed
+        self.episode = first_episode
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=self.base_seed + self.episode if seed is None else seed, options=options)
+        self.episode += 1
+        return obs, info
+
+
+def pixel_pipeline(env: gym.Env, frame_stack: int, image_size: int) -> gym.Env:
+    """RGB H×W×3 → grayscale → image_size² → stack of ``frame_stack`` frames (first frame repeated at reset)."""
+    env = gym.wrappers.GrayscaleObservation(env, keep_dim=False)
+    env = gym.wrappers.ResizeObservation(env, (image_size, image_size))
+    env = gym.wrappers.FrameStackObservation(env, frame_stack, padding_type="reset")
+    return DictObservation(env, "image")
+
+
+def conform(env: gym.Env, frame_stack: int, image_size: int) -> gym.Env:
+    """Applies the observation and action conventions above to any gymnasium env, or says why it cannot."""
+    obs_space, act_space = env.observation_space, env.action_space
+    env_id = env.spec.id if env.spec else type(env.unwrapped).__name__
+    if not isinstance(act_space, spaces.Box):
+        raise ValueError(f"data.env_id={env_id!r}: TD3 needs a continuous (Box) action space, got {act_space}")
+    if isinstance(obs_space, spaces.Dict):
+        unknown = set(obs_space.spaces) - {"image", "vector"}
+        if unknown:
+            raise ValueError(f"data.env_id={env_id!r}: dict observation keys {sorted(unknown)} are not 'image'/'vector'")
+    elif isinstance(obs_space, spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) == 3:
+        env = pixel_pipeline(env, frame_stack, image_size)
+    elif isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1:
+        env = DictObservation(env, "vector")
+    else:
+        raise ValueError(
+            f"data.env_id={env_id!r}: observation space {obs_space} is neither an RGB image (uint8 H×W×3), "
+            "a flat vector, nor a dict of 'image'/'vector'"
+        )
+    if not (np.all(act_space.low == -1.0) and np.all(act_space.high == 1.0)):
+        # CarRacing's gas/brake live in [0, 1]: the actor's tanh range is mapped onto the env's own bounds.
+        env = gym.wrappers.RescaleAction(env, np.float32(-1.0), np.float32(1.0))
+    return RejectNonFinite(env)

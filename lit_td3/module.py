@@ -1,0 +1,334 @@
+"""TD3Module: the learner. Twin critics, clipped double-Q, target policy smoothing, delayed actor and targets.
+
+Manual optimization with two optimizers (actor, critic), each with a CNN and an MLP parameter group. Gradients are
+clipped per optimizer with Lightning's ``clip_gradients`` in ``on_before_optimizer_step``, where they are already
+unscaled under ``16-mixed`` (LIGHTNING_NOTES 3); the pre- and post-clip norms are the telemetry.
+
+The module never touches an env or the buffer: the rollout stream (``lit_td3.data``) hands it batches and calls
+``act``. The counters that define the run (env steps, updates, episodes) live here and in its checkpoint; Lightning's
+``global_step`` counts optimizer steps and decides nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lit_td3.buffer import Transition
+from lit_td3.config import ConfigError, check
+from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
+from lit_td3.networks import Actor, NetworkConfig, TwinCritic, split_parameters
+from lit_td3.scalars import WindowMeans, log_scalars
+
+
+@dataclass
+class GradientClipping:
+    """Per-optimizer gradient clipping, as the original report's ``gradient_clipping`` block."""
+
+    enabled: bool = True
+    """Clip at all; off gives the unclipped baseline of a before/after comparison."""
+    actor_max_norm: float = 1.0
+    """L2 norm limit of the actor's gradients (CNN and MLP together)."""
+    critic_max_norm: float = 10.0
+    """L2 norm limit of the critic's gradients (CNN and both Q-heads together)."""
+    norm_type: float = 2.0
+    """Norm of the limit; Lightning's ``clip_gradients`` clips the L2 norm, so only 2.0 is accepted."""
+
+    def __post_init__(self) -> None:
+        for name in ("actor_max_norm", "critic_max_norm"):
+            value = getattr(self, name)
+            check(f"model.gradient_clipping.{name}", value, value > 0, "a positive norm")
+        check("model.gradient_clipping.norm_type", self.norm_type, self.norm_type == 2.0,
+              "2.0 (Lightning's clip_gradients clips the L2 norm)")
+
+
+@dataclass
+class RunCounters:
+    """The counts that define where a run is; saved in every checkpoint."""
+
+    env_steps: int = 0
+    critic_updates: int = 0
+    actor_updates: int = 0
+    episodes: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive non-finite updates: the run stops (its last checkpoint holds finite weights)."""
+
+
+@dataclass
+class _Optimized:
+    """What the telemetry needs to know about one optimizer."""
+
+    name: str
+    parts: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
+    max_norm: float = 0.0
+
+
+class TD3Module(pl.LightningModule):
+    """TD3 (Fujimoto et al., 2018) from pixels, with per-optimizer clipping and gradient telemetry."""
+
+    def __init__(
+        self,
+        gamma: float = 0.99,
+        tau: float = 0.005,
+        policy_freq: int = 2,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        actor_cnn_lr: float = 1e-4,
+        actor_mlp_lr: float = 3e-4,
+        critic_cnn_lr: float = 1e-4,
+        critic_mlp_lr: float = 3e-4,
+        gradient_clipping: GradientClipping | None = None,
+        network: NetworkConfig | None = None,
+        log_every_n_env_steps: int = 1000,
+        max_consecutive_nonfinite: int = 10,
+        compile: bool = False,
+        observation_shapes: dict[str, list[int]] | None = None,
+        action_dim: int | None = None,
+    ) -> None:
+        """
+        Args:
+            gamma: Discount factor.
+            tau: Polyak rate of the soft target updates.
+            policy_freq: Critic updates per actor (and target) update: the delayed policy update.
+            policy_noise: Std of the target policy smoothing noise (actions live in [-1, 1]).
+            noise_clip: The smoothing noise is clipped to [-noise_clip, noise_clip].
+            actor_cnn_lr: Learning rate of the actor's CNN encoder.
+            actor_mlp_lr: Learning rate of the actor's MLP head.
+            critic_cnn_lr: Learning rate of the critic's CNN encoder.
+            critic_mlp_lr: Learning rate of the critic's Q-heads.
+            gradient_clipping: Per-optimizer clipping (enabled, actor_max_norm, critic_max_norm, norm_type).
+            network: Network sizes.
+            log_every_n_env_steps: Env steps between log points; between them nothing leaves the GPU.
+            max_consecutive_nonfinite: Consecutive non-finite updates (each skipped) that stop the run.
+            compile: Compile actor and critic with ``torch.compile`` (telemetry and clipping stay exact).
+            observation_shapes: Filled from the env by the data module; set only to load a checkpoint by hand.
+            action_dim: Filled from the env by the data module; set only to load a checkpoint by hand.
+        """
+        super().__init__()
+        gradient_clipping = gradient_clipping or GradientClipping()
+        network = network or NetworkConfig()
+        check("model.gamma", gamma, 0.0 <= gamma < 1.0, "a discount in [0, 1)")
+        check("model.tau", tau, 0.0 < tau <= 1.0, "a Polyak rate in (0, 1]")
+        check("model.policy_freq", policy_freq, policy_freq >= 1, "at least 1 critic update per actor update")
+        check("model.policy_noise", policy_noise, policy_noise >= 0, "non-negative")
+        check("model.noise_clip", noise_clip, noise_clip >= 0, "non-negative")
+        for name, lr in [("actor_cnn_lr", actor_cnn_lr), ("actor_mlp_lr", actor_mlp_lr),
+                         ("critic_cnn_lr", critic_cnn_lr), ("critic_mlp_lr", critic_mlp_lr)]:
+            check(f"model.{name}", lr, lr > 0, "a positive learning rate")
+        check("model.log_every_n_env_steps", log_every_n_env_steps, log_every_n_env_steps >= 1, "at least 1")
+        check("model.max_consecutive_nonfinite", max_consecutive_nonfinite, max_consecutive_nonfinite >= 1,
+              "at least 1")
+        self.save_hyperparameters(ignore=["gradient_clipping", "network"])
+        # Plain dicts, not dataclasses, so that checkpoints load with torch.load(weights_only=True).
+        self.hparams["gradient_clipping"] = asdict(gradient_clipping)
+        self.hparams["network"] = asdict(network)
+        self.automatic_optimization = False
+        self.clipping = gradient_clipping
+        self.network_config = network
+        self.log_every_n_env_steps = log_every_n_env_steps
+        self.counters = RunCounters()
+        self.latest_metrics: dict[str, float] = {}
+        self.last_gradient_norms: dict[str, Tensor] = {}
+        self.window = WindowMeans()
+        self._logged_at = 0
+        self._optimized: dict[int, _Optimized] = {}
+        if observation_shapes is not None and action_dim is not None:
+            self._build_networks(observation_shapes, action_dim)
+
+    # ------------------------------------------------------------------------------------------------ networks
+    def _build_networks(self, observation_shapes: Mapping[str, list[int]], action_dim: int) -> None:
+        self.hparams["observation_shapes"] = {k: list(v) for k, v in observation_shapes.items()}
+        self.hparams["action_dim"] = int(action_dim)
+        self.actor = Actor(observation_shapes, action_dim, self.network_config)
+        self.critic = TwinCritic(observation_shapes, action_dim, self.network_config)
+        # Targets: copies that only ever move by Polyak averaging; in no optimizer, never given gradients.
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self._actor_fn, self._critic_fn = self.actor, self.critic
+        if self.hparams.compile:
+            self._actor_fn, self._critic_fn = torch.compile(self.actor), torch.compile(self.critic)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "actor"):
+            dm = self.trainer.datamodule
+            self._build_networks(dm.observation_shapes, dm.action_dim)
+
+    @torch.no_grad()
+    def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Deterministic actions mu(s) for a batch of env observations (the stream adds the exploration noise)."""
+        obs_t = {k: torch.as_tensor(v, device=self.device) for k, v in obs.items()}
+        return self.actor(obs_t).float().cpu().numpy()
+
+    # ------------------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        actor_opt = self._adam(split_parameters(self.actor), hp.actor_cnn_lr, hp.actor_mlp_lr)
+        critic_opt = self._adam(split_parameters(self.critic), hp.critic_cnn_lr, hp.critic_mlp_lr)
+        self._optimized = {
+            id(actor_opt): _Optimized("actor", split_parameters(self.actor), self.clipping.actor_max_norm),
+            id(critic_opt): _Optimized("critic", split_parameters(self.critic), self.clipping.critic_max_norm),
+        }
+        return [actor_opt, critic_opt]
+
+    @staticmethod
+    def _adam(parts: dict[str, list[torch.nn.Parameter]], cnn_lr: float, mlp_lr: float) -> torch.optim.Adam:
+        groups = [{"params": parts["mlp"], "lr": mlp_lr, "name": "mlp"}]
+        if parts["cnn"]:
+            groups.insert(0, {"params": parts["cnn"], "lr": cnn_lr, "name": "cnn"})
+        # foreach, not fused: a fused Adam unscales inside step(), where clipping cannot reach (LIGHTNING_NOTES 3).
+        return torch.optim.Adam(groups, foreach=True)
+
+    def on_train_start(self) -> None:
+        # A resumed checkpoint restores its optimizers' learning rates; the configured ones win (rollback plan).
+        hp = self.hparams
+        actor_opt, critic_opt = self.optimizers()
+        for opt, lrs in [(actor_opt, {"cnn": hp.actor_cnn_lr, "mlp": hp.actor_mlp_lr}),
+                         (critic_opt, {"cnn": hp.critic_cnn_lr, "mlp": hp.critic_mlp_lr})]:
+            for group in opt.param_groups:
+                group["lr"] = lrs[group["name"]]
+
+    # ------------------------------------------------------------------------------------------------ TD3
+    def training_step(self, batch: Transition, batch_idx: int) -> None:
+        actor_opt, critic_opt = self.optimizers()
+        hp = self.hparams
+        self.last_gradient_norms = {}  # this batch's pre-clip norms, for callbacks.GradientAlertCallback
+
+        # Critic: clipped double-Q target with target policy smoothing.
+        with torch.no_grad():
+            noise = torch.randn_like(batch.action) * hp.policy_noise
+            next_action = smoothed_target_action(self.actor_target(batch.next_obs), noise, hp.noise_clip)
+            next_q1, next_q2 = self.critic_target(batch.next_obs, next_action)
+            target = td_target(batch.reward, batch.terminated, next_q1, next_q2, hp.gamma)
+        q1, q2 = self._critic_fn(batch.obs, batch.action)
+        loss_q, q_info = critic_loss(q1, q2, target)
+        self._optimize(critic_opt, loss_q)
+        self.counters.critic_updates += 1
+        self.window.add({"train/critic_loss": loss_q, **q_info})
+
+        # Delayed policy update, counted in critic updates (global_step counts both optimizers' steps).
+        if self.counters.critic_updates % hp.policy_freq == 0:
+            with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
+                loss_pi = actor_loss(self._critic_fn.q1_only(batch.obs, self._actor_fn(batch.obs)))
+                self._optimize(actor_opt, loss_pi)
+            self.counters.actor_updates += 1
+            self.window.add({"train/actor_loss": loss_pi})
+            self._soft_update_targets()
+
+        self._log_if_due()
+
+    def _optimize(self, optimizer: pl.core.optimizer.LightningOptimizer, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()  # clipping and telemetry: on_before_optimizer_step, after the AMP unscale
+
+    @torch.no_grad()
+    def _soft_update_targets(self) -> None:
+        """theta' <- tau * theta + (1 - tau) * theta', one foreach kernel per network pair."""
+        for online, target in [(self.actor, self.actor_target), (self.critic, self.critic_target)]:
+            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), self.hparams.tau)
+
+    # ------------------------------------------------------------------------------------------------ clipping
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Telemetry, non-finite guard and clipping, on gradients that are already unscaled."""
+        opt = self._optimized[id(optimizer)]
+        norms = {
+            part: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+            for part, params in opt.parts.items()
+            if params
+        }
+        total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+        if not self._finite_or_skip(opt, optimizer, total):
+            return
+        telemetry = {f"gradients/{opt.name}_{part}_norm": norm for part, norm in norms.items()}
+        if self.clipping.enabled:
+            self.clip_gradients(optimizer, gradient_clip_val=opt.max_norm, gradient_clip_algorithm="norm")
+            clipped = torch.nn.utils.get_total_norm([p.grad for g in optimizer.param_groups for p in g["params"]
+                                                     if p.grad is not None], foreach=True)
+            telemetry[f"gradients/{opt.name}_clip_fraction"] = (total > opt.max_norm).float()
+        else:
+            clipped = total
+        telemetry[f"gradients/{opt.name}_norm_clipped"] = clipped
+        self.last_gradient_norms.update({f"{opt.name}_{part}": norm for part, norm in norms.items()})
+        self.window.add(telemetry)
+
+    def _finite_or_skip(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> bool:
+        """Skips the step of a non-finite gradient (parameters unchanged); too many in a row stop the run.
+
+        Under a GradScaler (16-mixed), infinite gradients are the scaler's business: it skips the step itself and
+        lowers the scale, so they are not counted here.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or bool(torch.isfinite(total)):
+            self.counters.consecutive_nonfinite = 0
+            return True
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # Adam skips parameters without a gradient: no step, no moment update
+        self.counters.nonfinite_steps += 1
+        self.counters.consecutive_nonfinite += 1
+        self.print(f"lit_td3: non-finite {opt.name} gradient at env step {self.counters.env_steps}: update skipped "
+                   f"({self.counters.consecutive_nonfinite} in a row)")
+        if self.counters.consecutive_nonfinite >= self.hparams.max_consecutive_nonfinite:
+            raise NonFiniteTrainingError(
+                f"{self.counters.consecutive_nonfinite} consecutive non-finite updates (last: {opt.name}) at env step "
+                f"{self.counters.env_steps}: stopping; the last checkpoint holds the last finite weights"
+            )
+        return False
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def _log_if_due(self) -> None:
+        every = self.log_every_n_env_steps
+        if self.counters.env_steps // every == self._logged_at // every:
+            return
+        self._logged_at = self.counters.env_steps
+        metrics = self.window.flush()
+        metrics["alerts/nonfinite_steps"] = float(self.counters.nonfinite_steps)
+        metrics["train/actor_updates"] = float(self.counters.actor_updates)
+        log_scalars(self.trainer, metrics, self.counters.env_steps)
+
+    def validation_step(self, episode: Any, batch_idx: int) -> None:
+        self.log("eval/return", episode.episode_return, batch_size=1)
+        self.log("eval/episode_length", float(episode.length), batch_size=1)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteTrainingError(f"refusing to write a checkpoint with non-finite weights in {bad[:5]}")
+        checkpoint.setdefault("lit_td3", {}).update({
+            "counters": asdict(self.counters),
+            "logged_at": self._logged_at,
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        })
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("observation_shapes", "action_dim", "network"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise ConfigError(
+                    f"the checkpoint's {key} is {saved[key]}, this run's is {self.hparams[key]}: a checkpoint loads "
+                    "only into the same observation shapes, action size and network sizes"
+                )
+        state = checkpoint["lit_td3"]
+        self.counters = RunCounters(**state["counters"])
+        self._logged_at = state["logged_at"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

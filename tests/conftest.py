@@ -1,0 +1,77 @@
+"""Shared test helpers: synthetic TD3 batches and a tiny trainer, for tests that need no env."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_td3.buffer import Transition
+from lit_td3.module import TD3Module
+
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+SMALL_IMAGE = {"image": [4, 36, 36], "vector": [3]}
+SMALL_NET = {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 8, 8]}
+
+
+def random_batch(shapes: dict[str, list[int]], action_dim: int, batch: int = 16, *, reward_scale: float = 1.0,
+                 seed: int = 0) -> Transition:
+    g = torch.Generator().manual_seed(seed)
+
+    def obs() -> dict[str, torch.Tensor]:
+        out = {}
+        if "image" in shapes:
+            out["image"] = torch.randint(0, 256, (batch, *shapes["image"]), generator=g, dtype=torch.uint8)
+        if "vector" in shapes:
+            out["vector"] = torch.randn(batch, *shapes["vector"], generator=g)
+        return out
+
+    return Transition(
+        obs=obs(),
+        action=torch.rand(batch, action_dim, generator=g) * 2 - 1,
+        reward=torch.randn(batch, generator=g) * reward_scale,
+        next_obs=obs(),
+        terminated=(torch.rand(batch, generator=g) < 0.1).float(),
+    )
+
+
+class RandomBatches(IterableDataset):
+    def __init__(self, shapes: dict[str, list[int]], action_dim: int, count: int, **kwargs: float) -> None:
+        self.shapes, self.action_dim, self.count, self.kwargs = shapes, action_dim, count, kwargs
+
+    def __iter__(self) -> Iterator[Transition]:
+        for i in range(self.count):
+            yield random_batch(self.shapes, self.action_dim, seed=i, **self.kwargs)
+
+
+def make_module(shapes: dict[str, list[int]] = SMALL_IMAGE, action_dim: int = 2, **kwargs: object) -> TD3Module:
+    from lit_td3.module import GradientClipping
+    from lit_td3.networks import NetworkConfig
+
+    kwargs.setdefault("network", NetworkConfig(**SMALL_NET))
+    kwargs.setdefault("gradient_clipping", GradientClipping())
+    return TD3Module(observation_shapes=shapes, action_dim=action_dim, **kwargs)
+
+
+def fit_on_random_batches(module: TD3Module, count: int, *, callbacks: list[pl.Callback] | None = None,
+                          **trainer_kwargs: object) -> pl.Trainer:
+    shapes, action_dim = module.hparams.observation_shapes, module.hparams.action_dim
+    reward_scale = trainer_kwargs.pop("reward_scale", 1.0)
+    loader = DataLoader(RandomBatches(shapes, action_dim, count, reward_scale=reward_scale), batch_size=None)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **trainer_kwargs,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+@pytest.fixture
+def small_module() -> TD3Module:
+    torch.manual_seed(0)
+    return make_module()

@@ -1,0 +1,126 @@
+"""End to end through the real CLI (``python -m lit_td3``), in subprocesses, on real gymnasium envs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lit_td3.report import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRADIENT_TAGS = [
+    "gradients/actor_mlp_norm", "gradients/critic_mlp_norm",
+    "gradients/actor_norm_clipped", "gradients/critic_norm_clipped",
+    "gradients/actor_clip_fraction", "gradients/critic_clip_fraction",
+]
+CNN_TAGS = ["gradients/actor_cnn_norm", "gradients/critic_cnn_norm"]
+TRAIN_TAGS = ["train/actor_loss", "train/critic_loss", "train/q1", "train/q2", "train/q_gap",
+              "alerts/gradient_warning", "alerts/gradient_critical", "alerts/nonfinite_steps"]
+ROLLOUT_TAGS = ["rollout/episode_return", "rollout/episode_length", "eval/return", "eval/episode_length",
+                "perf/env_steps_per_s", "perf/updates_per_s"]
+
+
+def small_run_config(tmp_path: Path, *, every: int, env_id: str, total: int, learning_starts: int,
+                     episode_steps: int, extra: dict | None = None) -> Path:
+    """A config layered on configs/td3.yaml: tiny networks and a short run, so a CPU test takes seconds."""
+    config = {
+        "trainer": {
+            "default_root_dir": str(tmp_path / "run"),
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "callbacks.EnvStepCheckpoint", "init_args": {"every_n_env_steps": every}},
+                {"class_path": "callbacks.EvaluationCallback", "init_args": {"every_n_env_steps": every}},
+                {"class_path": "callbacks.GradientAlertCallback"},
+            ],
+        },
+        "model": {"network": {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 16, 16]},
+                  "log_every_n_env_steps": 50},
+        "data": {"env_id": env_id, "total_env_steps": total, "learning_starts": learning_starts,
+                 "max_episode_steps": episode_steps, "batch_size": 32, "buffer_size": 5000, "eval_episodes": 1},
+    }
+    for section, values in (extra or {}).items():
+        config[section].update(values)
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def lit_td3(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lit_td3", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def counters_of(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["lit_td3"]["counters"]
+
+
+@pytest.mark.parametrize(
+    ("env_id", "tags"),
+    [("CarRacing-v3", GRADIENT_TAGS + CNN_TAGS + TRAIN_TAGS + ROLLOUT_TAGS),
+     ("Pendulum-v1", GRADIENT_TAGS + TRAIN_TAGS + ROLLOUT_TAGS)],
+)
+def test_fit_writes_every_tag_against_env_steps(tmp_path: Path, env_id: str, tags: list[str]) -> None:
+    config = small_run_config(tmp_path, every=300, env_id=env_id, total=300, learning_starts=100, episode_steps=100)
+    result = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_run(tmp_path / "run")
+    missing = [t for t in tags if t not in run.tags]
+    assert not missing, f"missing tags {missing}; have {sorted(run.tags)}"
+    # the x-axis is env steps: learning starts at 100 and the run ends at 300
+    assert run["train/critic_loss"].steps.min() >= 100
+    assert run["train/critic_loss"].steps.max() <= 300
+    assert run["rollout/episode_length"].values.tolist()[:2] == [100.0, 100.0]
+    if env_id == "Pendulum-v1":
+        assert not [t for t in run.tags if "_cnn_" in t]
+    final = counters_of(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert final["env_steps"] == 300
+    assert final["critic_updates"] == 200  # replay ratio 1 after learning_starts
+    assert final["actor_updates"] == 100  # policy_freq 2
+    assert final["episodes"] == 3
+
+
+def test_resume_continues_the_env_step_count(tmp_path: Path) -> None:
+    config = small_run_config(tmp_path, every=100, env_id="Pendulum-v1", total=200, learning_starts=100,
+                              episode_steps=50)
+    first = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert counters_of(tmp_path / "run" / "checkpoints" / "last.ckpt")["env_steps"] == 200
+
+    second = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
+                     "--data.total_env_steps", "400", "--ckpt_path", "last")
+    assert second.returncode == 0, second.stderr[-3000:]
+    counters = counters_of(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert counters["env_steps"] == 400  # continued from 200, not restarted at 0
+    assert counters["critic_updates"] == 300
+    assert counters["episodes"] == 8
+    critic_loss = load_run(tmp_path / "run")["train/critic_loss"]
+    assert critic_loss.steps.max() == 400
+    assert (tmp_path / "run" / "checkpoints" / "env_step=400.ckpt").is_file()
+
+    validated = lit_td3("validate", "--config", "configs/td3.yaml", "--config", str(config), "--ckpt_path", "last")
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "eval/return" in validated.stdout
+
+
+def test_print_config_runs_as_is(tmp_path: Path) -> None:
+    config = small_run_config(tmp_path, every=100, env_id="Pendulum-v1", total=120, learning_starts=60,
+                              episode_steps=60, extra={"data": {"batch_size": 16}})
+    printed = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
+                      "--model.gradient_clipping.actor_max_norm", "5.0", "--print_config")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    resolved = yaml.safe_load(printed.stdout)
+    assert resolved["model"]["gradient_clipping"]["actor_max_norm"] == 5.0
+    assert resolved["data"]["env_id"] == "Pendulum-v1"
+    (tmp_path / "printed.yaml").write_text(printed.stdout)
+    run = lit_td3("fit", "--config", str(tmp_path / "printed.yaml"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"] == resolved["model"] and saved["data"] == resolved["data"]

@@ -1,0 +1,144 @@
+"""TD3Module: gradient isolation, the delayed actor update, targets, optimizers and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lit_td3.config import ConfigError
+from lit_td3.losses import actor_loss, critic_loss
+from lit_td3.module import GradientClipping, TD3Module
+from tests.conftest import SMALL_IMAGE, fit_on_random_batches, make_module, random_batch
+
+
+def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(b, p.detach()) for b, p in zip(before, module.parameters()))
+
+
+def test_critic_loss_gives_the_actor_and_targets_no_gradient(small_module: TD3Module) -> None:
+    batch = random_batch(SMALL_IMAGE, 2)
+    q1, q2 = small_module.critic(batch.obs, batch.action)
+    with torch.no_grad():
+        target = batch.reward + 0.99 * torch.minimum(*small_module.critic_target(batch.next_obs, batch.action))
+    loss, _ = critic_loss(q1, q2, target)
+    loss.backward()
+    assert all(p.grad is None for p in small_module.actor.parameters())
+    assert all(p.grad is None for p in small_module.actor_target.parameters())
+    assert all(p.grad is None for p in small_module.critic_target.parameters())
+    assert all(p.grad is not None for p in small_module.critic.parameters())
+
+
+def test_actor_and_critic_own_separate_encoders(small_module: TD3Module) -> None:
+    actor_ids = {id(p) for p in small_module.actor.parameters()}
+    critic_ids = {id(p) for p in small_module.critic.parameters()}
+    assert actor_ids.isdisjoint(critic_ids)
+    assert small_module.actor.encoder.cnn is not small_module.critic.encoder.cnn
+
+
+def test_targets_are_in_no_optimizer_and_need_no_gradient(small_module: TD3Module) -> None:
+    actor_opt, critic_opt = small_module.configure_optimizers()
+    optimized = {id(p) for opt in (actor_opt, critic_opt) for g in opt.param_groups for p in g["params"]}
+    targets = list(small_module.actor_target.parameters()) + list(small_module.critic_target.parameters())
+    assert not any(id(p) in optimized for p in targets)
+    assert not any(p.requires_grad for p in targets)
+    # each optimizer: its own network, CNN and MLP in separate groups with their own learning rates
+    assert {id(p) for g in actor_opt.param_groups for p in g["params"]} == {id(p) for p in small_module.actor.parameters()}
+    assert [(g["name"], g["lr"]) for g in actor_opt.param_groups] == [("cnn", 1e-4), ("mlp", 3e-4)]
+    assert [(g["name"], g["lr"]) for g in critic_opt.param_groups] == [("cnn", 1e-4), ("mlp", 3e-4)]
+
+
+class RecordSteps(pl.Callback):
+    """Records, for every batch, whether the actor, the critic and the targets moved."""
+
+    def __init__(self) -> None:
+        self.moves: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: TD3Module, batch: object, batch_idx: int) -> None:
+        self._before = {name: snapshot(getattr(pl_module, name))
+                        for name in ("actor", "critic", "actor_target", "critic_target")}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: TD3Module, *args: object) -> None:
+        self.moves.append({name: changed(before, getattr(pl_module, name)) for name, before in self._before.items()})
+
+
+@pytest.mark.parametrize("policy_freq", [2, 3])
+def test_delayed_actor_and_target_updates_follow_the_module_counter(policy_freq: int) -> None:
+    torch.manual_seed(0)
+    module = make_module(policy_freq=policy_freq)
+    recorder = RecordSteps()
+    trainer = fit_on_random_batches(module, 10, callbacks=[recorder])
+    expected_actor = [(i + 1) % policy_freq == 0 for i in range(10)]
+    assert [m["actor"] for m in recorder.moves] == expected_actor
+    assert [m["actor_target"] for m in recorder.moves] == expected_actor
+    assert [m["critic_target"] for m in recorder.moves] == expected_actor
+    assert all(m["critic"] for m in recorder.moves)
+    assert module.counters.critic_updates == 10
+    assert module.counters.actor_updates == 10 // policy_freq
+    # Lightning's global_step counts both optimizers' steps: it is not the update count
+    assert trainer.global_step == 10 + 10 // policy_freq
+
+
+class CriticAcrossActorStep(pl.Callback):
+    """Snapshots the critic (and its gradients) when the actor's optimizer is about to step."""
+
+    def __init__(self) -> None:
+        self.checks: list[tuple[bool, bool]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: TD3Module, optimizer: object) -> None:
+        if pl_module._optimized[id(optimizer)].name == "actor":
+            self._critic = snapshot(pl_module.critic)
+            self._grads = [p.grad.clone() for p in pl_module.critic.parameters()]
+            self._actor_grads_present = all(p.grad is not None for p in pl_module.actor.parameters())
+            # the actor's backward ran with the critic frozen: it could not add to the critic's gradients
+            self._critic_frozen = not any(p.requires_grad for p in pl_module.critic.parameters())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: TD3Module, *args: object) -> None:
+        unchanged = not changed(self._critic, pl_module.critic)
+        same_grads = all(torch.equal(g, p.grad) for g, p in zip(self._grads, pl_module.critic.parameters()))
+        self.checks.append((unchanged and same_grads and self._critic_frozen, self._actor_grads_present))
+
+
+def test_actor_loss_never_moves_the_critic() -> None:
+    torch.manual_seed(0)
+    module = make_module(policy_freq=1)
+    probe = CriticAcrossActorStep()
+    fit_on_random_batches(module, 4, callbacks=[probe])
+    assert probe.checks == [(True, True)] * 4
+
+
+def test_soft_update_is_polyak_averaging() -> None:
+    torch.manual_seed(0)
+    module = make_module(tau=0.25)
+    with torch.no_grad():
+        for p in module.actor.parameters():
+            p.add_(1.0)
+    online = snapshot(module.actor)
+    target = snapshot(module.actor_target)
+    module._soft_update_targets()
+    for o, t, new in zip(online, target, module.actor_target.parameters()):
+        torch.testing.assert_close(new, 0.25 * o + 0.75 * t)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"policy_freq": 0}, "model.policy_freq=0"),
+        ({"gamma": 1.0}, "model.gamma=1.0"),
+        ({"tau": 0.0}, "model.tau=0.0"),
+        ({"actor_cnn_lr": -1e-4}, "model.actor_cnn_lr=-0.0001"),
+    ],
+)
+def test_bad_hyperparameters_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        make_module(**kwargs)
+
+
+@pytest.mark.parametrize(("name", "value"), [("actor_max_norm", -1.0), ("critic_max_norm", 0.0), ("norm_type", 1.0)])
+def test_bad_clipping_names_the_field(name: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"model.gradient_clipping.{name}"):
+        GradientClipping(**{name: value})
