@@ -91,7 +91,7 @@ class RolloutStream(IterableDataset):
                 t0 = time.perf_counter()
                 step = envs.step(actions)
             dm.timings.add("env_ms", time.perf_counter() - t0)
-            dm.record(actions, *step, counters=counters)
+            dm.record(actions, *step, agent=self.agent)
         # The run is over at data.total_env_steps, whichever epoch this is (a resumed run starts a new one).
         self.agent.trainer.should_stop = True
 
@@ -314,7 +314,7 @@ class RolloutDataModule(pl.LightningDataModule):
         return np.clip(action, -1.0, 1.0).astype(np.float32)
 
     def record(self, actions: np.ndarray, next_obs: dict[str, np.ndarray], reward: np.ndarray,
-               terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any], *, counters: Any) -> None:
+               terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any], *, agent: TD3Module) -> None:
         """Writes one vector step into the buffer and closes the episodes that ended in it."""
         done = terminated | truncated
         real_next = {k: v.copy() for k, v in next_obs.items()}
@@ -326,6 +326,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.buffer.add(self._obs, actions, reward.astype(np.float32), real_next, terminated, truncated,
                         valid=~discard)
         self._obs = next_obs
+        counters = agent.counters
         counters.env_steps += self.num_envs
         self._episode_returns += np.where(discard, 0.0, reward)
         self._episode_lengths += 1
@@ -334,7 +335,7 @@ class RolloutDataModule(pl.LightningDataModule):
             info.pop(DISCARD_KEY, None)
             info["faults"] = float(discard[i])
             self._close_episode(i, info, counters)
-        self._log_progress(counters)
+        self._log_progress(counters, agent.log_every_n_env_steps)
 
     def _close_episode(self, i: int, info: dict[str, float], counters: Any) -> None:
         result = EpisodeResult(float(self._episode_returns[i]), int(self._episode_lengths[i]), info)
@@ -346,8 +347,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.last_episode = result
         log_scalars(self.trainer, metrics, counters.env_steps)
 
-    def _log_progress(self, counters: Any) -> None:
-        every = self.trainer.lightning_module.log_every_n_env_steps
+    def _log_progress(self, counters: Any, every: int) -> None:
         if counters.env_steps // every == (counters.env_steps - self.num_envs) // every:
             return
         metrics = self.timings.flush(counters.env_steps, counters.critic_updates)

@@ -220,7 +220,8 @@ class TD3Module(pl.LightningModule):
         # Delayed policy update, counted in critic updates (global_step counts both optimizers' steps).
         if self.counters.critic_updates % hp.policy_freq == 0:
             with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
-                loss_pi = actor_loss(self._critic_fn.q1_only(batch.obs, self._actor_fn(batch.obs)))
+                q1_of_policy, _ = self._critic_fn(batch.obs, self._actor_fn(batch.obs))  # Q1 only, as in the paper
+                loss_pi = actor_loss(q1_of_policy)
                 self._optimize(actor_opt, loss_pi)
             self.counters.actor_updates += 1
             self.window.add({"train/actor_loss": loss_pi})

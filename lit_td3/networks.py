@@ -127,10 +127,6 @@ class TwinCritic(nn.Module):
         x = torch.cat([self.encoder(obs), action], dim=1)
         return self.q1(x).squeeze(1), self.q2(x).squeeze(1)
 
-    def q1_only(self, obs: Mapping[str, Tensor], action: Tensor) -> Tensor:
-        """Q1 alone: the actor loss needs no Q2 (TD3 paper, Algorithm 1)."""
-        return self.q1(torch.cat([self.encoder(obs), action], dim=1)).squeeze(1)
-
 
 def split_parameters(network: Actor | TwinCritic) -> dict[str, list[nn.Parameter]]:
     """The ``cnn`` and ``mlp`` parameters of a network (``cnn`` is empty for a state-only env)."""

@@ -58,6 +58,13 @@ def lit_td3(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+def event_images(run_dir: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0}).Reload()
+    return accumulator.Images(tag) if tag in accumulator.Tags()["images"] else []
+
+
 def counters_of(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["lit_td3"]["counters"]
 
@@ -80,6 +87,9 @@ def test_fit_writes_every_tag_against_env_steps(tmp_path: Path, env_id: str, tag
     assert run["rollout/episode_length"].values.tolist()[:2] == [100.0, 100.0]
     if env_id == "Pendulum-v1":
         assert not [t for t in run.tags if "_cnn_" in t]
+    else:  # the policy can be watched: a frame strip of the first evaluation episode
+        images = event_images(tmp_path / "run", "eval/first_episode")
+        assert images and images[0].width == 16 * 84 and images[0].height == 84
     final = counters_of(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert final["env_steps"] == 300
     assert final["critic_updates"] == 200  # replay ratio 1 after learning_starts

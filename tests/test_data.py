@@ -1,0 +1,143 @@
+"""The rollout stream: what it writes into the buffer, and which actions it takes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from lit_td3.data import RolloutDataModule, RolloutStream, numeric_info
+from lit_td3.envs import DISCARD_KEY
+from lit_td3.module import RunCounters
+
+
+class Countdown(gym.Env):
+    """obs = [t, episode]; terminates when t reaches `terminate_at` (if set), fault at `discard_at` (if set)."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
+
+    def __init__(self, terminate_at: int | None = None, discard_at: int | None = None) -> None:
+        self.terminate_at, self.discard_at = terminate_at, discard_at
+        self.episode = -1
+
+    def reset(self, *, seed: int | None = None, options: Any = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return self._obs(), {}
+
+    def _obs(self) -> np.ndarray:
+        return np.array([self.t, self.episode], dtype=np.float32)
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        if self.discard_at is not None and self.t == self.discard_at:
+            return np.zeros(2, np.float32), 0.0, False, True, {DISCARD_KEY: True, "crash": 1.0}
+        terminated = self.terminate_at is not None and self.t >= self.terminate_at
+        return self._obs(), float(self.t), terminated, False, {"distance_m": 2.0 * self.t}
+
+
+gym.register("lit_td3_test/Countdown-v0", entry_point=Countdown)
+
+
+class FakeAgent:
+    """What the stream needs of the module: counters, a policy, the log cadence."""
+
+    def __init__(self, action: float = 0.5) -> None:
+        self.counters = RunCounters()
+        self.log_every_n_env_steps = 1000
+        self.trainer = SimpleNamespace(should_stop=False)
+        self.action = action
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.full((len(obs["vector"]), 1), self.action, dtype=np.float32)
+
+
+def run_stream(steps: int, learning_starts: int | None = None, **env_kwargs: Any) -> tuple[RolloutDataModule, FakeAgent]:
+    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", env_kwargs=env_kwargs, max_episode_steps=5,
+                           async_envs=False, total_env_steps=steps, learning_starts=learning_starts or steps,
+                           buffer_size=100, batch_size=1, exploration_noise=0.0)
+    dm.setup("fit")
+    agent = FakeAgent()
+    assert list(RolloutStream(dm, agent)) == []  # all steps before learning_starts: nothing to learn from
+    return dm, agent
+
+
+def stored(dm: RolloutDataModule) -> list[tuple[list[float], list[float], float, float]]:
+    batch = dm.buffer.get(torch.arange(len(dm.buffer)))
+    return [(o.tolist(), n.tolist(), r, t) for o, n, r, t in
+            zip(batch.obs["vector"], batch.next_obs["vector"], batch.reward.tolist(), batch.terminated.tolist())]
+
+
+def test_terminations_stop_the_bootstrap_and_truncations_do_not() -> None:
+    dm, agent = run_stream(8, terminate_at=3)  # episodes of 3 steps, terminated
+    rows = stored(dm)
+    assert [t for *_, t in rows] == [0, 0, 1, 0, 0, 1, 0, 0]
+    # next_obs of the last step is the true final observation, not the next episode's reset observation
+    assert rows[2][1] == [3.0, 0.0] and rows[3][0] == [0.0, 1.0]
+    assert agent.counters.env_steps == 8 and agent.counters.episodes == 2
+    assert agent.trainer.should_stop
+
+    dm, agent = run_stream(7)  # no termination: the time limit (5) truncates
+    rows = stored(dm)
+    assert [t for *_, t in rows] == [0] * 7
+    assert rows[4][1] == [5.0, 0.0] and rows[5][0] == [0.0, 1.0]
+
+
+def test_a_discarded_step_writes_nothing_and_ends_the_episode() -> None:
+    dm, agent = run_stream(6, discard_at=3)  # each episode: 2 real steps, then a fault
+    rows = stored(dm)
+    assert len(rows) == 4  # steps 3 and 6 were faults
+    assert [r[0] for r in rows] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    assert all(r[1] != [0.0, 0.0] for r in rows)  # the fault's bogus observation never became a next_obs
+    assert agent.counters.episodes == 2
+    assert dm.last_episode.info["faults"] == 1.0 and dm.last_episode.info["crash"] == 1.0
+
+
+def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
+    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", async_envs=False, total_env_steps=100,
+                           learning_starts=50, buffer_size=100, batch_size=1, exploration_noise=0.1)
+    dm.setup("fit")
+    agent = FakeAgent(action=0.5)
+    dm._obs = {"vector": np.zeros((1, 2), np.float32)}
+    early = np.concatenate([dm.explore(None, agent) for _ in range(200)])
+    agent.counters.env_steps = 50
+    late = np.concatenate([dm.explore(None, agent) for _ in range(200)])
+    assert early.min() < -0.8 and early.max() > 0.8  # uniform over [-1, 1], the policy ignored
+    assert abs(late.mean() - 0.5) < 0.05 and 0.07 < late.std() < 0.13  # mu(s) + N(0, 0.1)
+    assert late.min() >= -1.0 and late.max() <= 1.0
+
+
+def test_env_actions_are_rescaled_to_the_env_bounds() -> None:
+    from lit_td3.envs import make_env
+
+    env = make_env("CarRacing-v3", seed=0)
+    assert env.action_space.low.tolist() == [-1.0, -1.0, -1.0]
+    assert env.observation_space["image"].shape == (4, 84, 84)
+    assert env.observation_space["image"].dtype == np.uint8
+    # the actor's -1 means no gas and no brake: CarRacing's own bounds are [-1,0,0]..[1,1,1]
+    assert env.unwrapped.action_space.low.tolist() == [-1.0, 0.0, 0.0]
+    assert gym.wrappers.RescaleAction in [type(w) for w in _wrappers(env)]
+    env.close()
+
+
+def _wrappers(env: gym.Env) -> list[gym.Env]:
+    out = []
+    while isinstance(env, gym.Wrapper):
+        out.append(env)
+        env = env.env
+    return out
+
+
+def test_unknown_env_id_carries_gymnasiums_suggestion() -> None:
+    with pytest.raises(ValueError, match=r"data.env_id='CarRacing-v2'.*"):
+        RolloutDataModule(env_id="CarRacing-v2")
+
+
+def test_numeric_info_keeps_numbers_and_flattens_dicts() -> None:
+    info = {"collision": True, "distance_m": np.float32(3.5), "name": "x", "terms": {"progress": 1.0}}
+    assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "terms/progress": 1.0}
