@@ -174,8 +174,12 @@ class TD3Module(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
-        actor_opt = self._adam(split_parameters(self.actor), hp.actor_cnn_lr, hp.actor_mlp_lr)
-        critic_opt = self._adam(split_parameters(self.critic), hp.critic_cnn_lr, hp.critic_mlp_lr)
+        # Fused Adam (one kernel per step) only at full precision: under AMP it unscales inside step(), where
+        # clip_gradients cannot reach, and Lightning refuses to clip it (LIGHTNING_NOTES 3).
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        fused = precision in ("32-true", "32", "64-true")
+        actor_opt = self._adam(split_parameters(self.actor), hp.actor_cnn_lr, hp.actor_mlp_lr, fused)
+        critic_opt = self._adam(split_parameters(self.critic), hp.critic_cnn_lr, hp.critic_mlp_lr, fused)
         self._optimized = {
             id(actor_opt): _Optimized("actor", split_parameters(self.actor), self.clipping.actor_max_norm),
             id(critic_opt): _Optimized("critic", split_parameters(self.critic), self.clipping.critic_max_norm),
@@ -183,12 +187,12 @@ class TD3Module(pl.LightningModule):
         return [actor_opt, critic_opt]
 
     @staticmethod
-    def _adam(parts: dict[str, list[torch.nn.Parameter]], cnn_lr: float, mlp_lr: float) -> torch.optim.Adam:
+    def _adam(parts: dict[str, list[torch.nn.Parameter]], cnn_lr: float, mlp_lr: float,
+              fused: bool) -> torch.optim.Adam:
         groups = [{"params": parts["mlp"], "lr": mlp_lr, "name": "mlp"}]
         if parts["cnn"]:
             groups.insert(0, {"params": parts["cnn"], "lr": cnn_lr, "name": "cnn"})
-        # foreach, not fused: a fused Adam unscales inside step(), where clipping cannot reach (LIGHTNING_NOTES 3).
-        return torch.optim.Adam(groups, foreach=True)
+        return torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
 
     def on_train_start(self) -> None:
         # A resumed checkpoint restores its optimizers' learning rates; the configured ones win (rollback plan).

@@ -1,0 +1,183 @@
+"""Replay-buffer benchmark: time to sample a batch, and resident memory per stored transition.
+
+Prints a Markdown table for BENCHMARKS.md. Targets (GitHub issue "Performance", section 1): a batch of 256 (obs and
+next_obs stacks of 4x84x84) in <= 3 ms on one CPU core; 1,000,000 such transitions in <= 7.5 GB resident.
+
+    python benchmarks/buffer.py            # 100,000 transitions
+    python benchmarks/buffer.py --quick    # 20,000 transitions, fewer repeats
+    python benchmarks/buffer.py --transitions 1000000
+
+Memory is measured in a fresh interpreter that only fills a buffer, so the number is the buffer's own. This script
+never asserts: it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from lit_td3.buffer import ReplayBuffer
+
+STACK, SIZE, ACTION_DIM, VECTOR_DIM, NUM_ENVS = 4, 84, 3, 8, 8
+GB = 1e9
+
+
+def shapes(with_vector: bool) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {"image": (STACK, SIZE, SIZE)}
+    if with_vector:
+        out["vector"] = (VECTOR_DIM,)
+    return out
+
+
+class Rollout:
+    """NUM_ENVS envs with frame-stacked episodes of 50-999 steps, ending terminated or truncated."""
+
+    def __init__(self, with_vector: bool, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.pool = self.rng.integers(0, 256, (512, SIZE, SIZE), dtype=np.uint8)  # incompressible, cheap to draw
+        self.with_vector = with_vector
+        self.obs = np.repeat(self.frames(NUM_ENVS), STACK, axis=1)  # as FrameStackObservation(padding_type="reset")
+        self.vector = self.rng.normal(size=(NUM_ENVS, VECTOR_DIM)).astype(np.float32)
+        self.left = self.rng.integers(50, 1000, NUM_ENVS)
+        self.action = np.zeros((NUM_ENVS, ACTION_DIM), np.float32)
+        self.reward = np.zeros(NUM_ENVS, np.float32)
+
+    def frames(self, n: int) -> np.ndarray:
+        return self.pool[self.rng.integers(0, len(self.pool), n)][:, None]
+
+    def run(self, buffer: ReplayBuffer, transitions: int) -> float:
+        """Adds ``transitions`` to the buffer; returns the mean seconds per add() call."""
+        spent, calls = 0.0, transitions // NUM_ENVS
+        for _ in range(calls):
+            next_obs = np.concatenate([self.obs[:, 1:], self.frames(NUM_ENVS)], axis=1)
+            next_vector = self.rng.normal(size=(NUM_ENVS, VECTOR_DIM)).astype(np.float32)
+            self.left -= 1
+            done = self.left == 0
+            o, n = {"image": self.obs}, {"image": next_obs}
+            if self.with_vector:
+                o["vector"], n["vector"] = self.vector, next_vector
+            terminated = done & (self.rng.random(NUM_ENVS) < 0.5)
+            start = time.perf_counter()
+            buffer.add(o, self.action, self.reward, n, terminated, done & ~terminated)
+            spent += time.perf_counter() - start
+            self.obs, self.vector = next_obs, next_vector
+            if done.any():
+                self.obs[done] = np.repeat(self.frames(int(done.sum())), STACK, axis=1)
+                self.left[done] = self.rng.integers(50, 1000, int(done.sum()))
+        return spent / max(calls, 1)
+
+
+def time_sampling(buffer: ReplayBuffer, batch_size: int, repeats: int) -> list[float]:
+    for _ in range(10):  # warm-up: allocator and caches
+        buffer.sample(batch_size)
+    synchronize = torch.cuda.synchronize if buffer.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        buffer.sample(batch_size)
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure_rss(transitions: int) -> dict[str, Any]:
+    """Fills an image-only buffer in this (fresh) process and reports its resident memory, also at half fill."""
+    process = psutil.Process()
+    rollout = Rollout(with_vector=False)
+    before = process.memory_info().rss
+    buffer = ReplayBuffer(transitions, shapes(False), ACTION_DIM, num_envs=NUM_ENVS, seed=0)
+    empty = process.memory_info().rss
+    rollout.run(buffer, transitions // 2)
+    half, half_len = process.memory_info().rss, len(buffer)
+    rollout.run(buffer, transitions - half_len)
+    return {"before": before, "empty": empty, "half": half, "half_len": half_len, "full": process.memory_info().rss,
+            "len": len(buffer)}
+
+
+def rss_in_subprocess(transitions: int) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, __file__, "--rss-only", str(transitions)], capture_output=True,
+                            text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    # Other processes on the same cores inflate the medians and maxima: say how busy the machine was.
+    load = f"; load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return (f"Machine: {cpu} ({os.cpu_count()} cores, {psutil.virtual_memory().total / GB:.0f} GB RAM){gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}{load}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--transitions", type=int, default=100_000, help="transitions stored before measuring")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=300, help="timed sample() calls per row")
+    parser.add_argument("--quick", action="store_true", help="20,000 transitions and 100 repeats")
+    parser.add_argument("--rss-only", type=int, metavar="N", help=argparse.SUPPRESS)  # the subprocess's job
+    args = parser.parse_args()
+    if args.rss_only:
+        print(json.dumps(measure_rss(args.rss_only)))
+        return
+    if args.quick:
+        args.transitions, args.repeats = 20_000, 100
+
+    rss = rss_in_subprocess(args.transitions)
+    torch.set_num_threads(1)
+    rows = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for with_vector in (False, True):
+            buffer = ReplayBuffer(args.transitions, shapes(with_vector), ACTION_DIM, num_envs=NUM_ENVS,
+                                  device=device, seed=0)
+            add_seconds = Rollout(with_vector).run(buffer, args.transitions)
+            times = time_sampling(buffer, args.batch_size, args.repeats)
+            kind = f"image {STACK}x{SIZE}x{SIZE}" + (f" + vector {VECTOR_DIM}" if with_vector else "")
+            where = "CPU, 1 thread" if device == "cpu" else "CUDA"
+            rows.append(f"| sample({args.batch_size}), {kind}, {where} | {statistics.median(times):.2f} | "
+                        f"{min(times):.2f} | {max(times):.2f} | add() of {NUM_ENVS} envs: "
+                        f"{add_seconds * 1e3:.3f} ms |")
+            del buffer
+
+    per_transition = (rss["full"] - rss["before"]) / rss["len"]
+    marginal = (rss["full"] - rss["half"]) / (rss["len"] - rss["half_len"])
+    print(f"### Replay buffer ({args.transitions:,} transitions stored, {args.repeats} timed batches)\n")
+    print("| what | median ms | min ms | max ms | notes |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+    print()
+    print("| memory (image-only, fresh process) | value |")
+    print("|---|---|")
+    print(f"| RSS before creating the buffer (interpreter + torch) | {rss['before'] / GB:.3f} GB |")
+    print(f"| RSS growth on creating it (empty, lazily allocated) | {(rss['empty'] - rss['before']) / 1e6:.1f} MB |")
+    print(f"| RSS after {rss['len']:,} transitions | {rss['full'] / GB:.3f} GB |")
+    print(f"| bytes per transition: RSS growth / transitions | {per_transition:,.0f} (one 84x84 frame: 7,056) |")
+    print(f"| bytes per transition: second half of the fill only | {marginal:,.0f} |")
+    print(f"| 1,000,000 transitions, extrapolated (buffer only) | {marginal * 1e6 / GB:.2f} GB |")
+    print(f"| 1,000,000 transitions, extrapolated (whole process) | "
+          f"{(rss['empty'] + marginal * 1e6) / GB:.2f} GB (target <= 7.5 GB) |")
+    print(f"| ReplayBuffer.estimate_nbytes(1,000,000) (used for the RAM warning) | "
+          f"{ReplayBuffer.estimate_nbytes(1_000_000, shapes(False), ACTION_DIM, NUM_ENVS) / GB:.2f} GB |")
+    print()
+    print(machine_line())
+
+
+if __name__ == "__main__":
+    main()
