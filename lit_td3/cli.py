@@ -52,6 +52,10 @@ class TD3CLI(LightningCLI):
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": root, "name": "", "version": "", "default_hp_metric": False},
             }
+        if config.trainer.strategy == "ddp":
+            # The actor steps every policy_freq-th batch: in the others its parameters get no gradient, which plain
+            # DDP takes for an error (Lightning issues #20328, #20866).
+            config.trainer.strategy = "ddp_find_unused_parameters_true"
         if config.trainer.enable_progress_bar is False and config.trainer.callbacks:
             # One switch turns the display off, whichever progress-bar callback the config plugged in.
             config.trainer.callbacks = [c for c in config.trainer.callbacks

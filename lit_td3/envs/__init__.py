@@ -5,6 +5,7 @@ CARLA registers its own id here without importing the ``carla`` client: the env 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,8 @@ from lit_td3.envs.wrappers import DISCARD_KEY, SeedEachEpisode, conform
 CARLA_ENV_ID = "lit_td3/CarlaLaneKeeping-v0"
 
 if CARLA_ENV_ID not in gym.registry:
-    gym.register(id=CARLA_ENV_ID, entry_point="lit_td3.envs.carla:CarlaLaneKeepingEnv", kwargs={"env_index": 0})
+    gym.register(id=CARLA_ENV_ID, entry_point="lit_td3.envs.carla:CarlaLaneKeepingEnv",
+                 kwargs={"env_index": 0, "max_episode_steps": 500})
 
 __all__ = ["CARLA_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
 
@@ -44,10 +46,12 @@ def make_env(
     ``env_index`` is the env's global index over all ranks and vector slots; envs that take it (CARLA: its ports are
     offset by it) receive it, others never see it.
     """
+    spec = gym.spec(env_id)
     kwargs = dict(env_kwargs or {})
-    if "env_index" in (gym.spec(env_id).kwargs or {}):
+    if "env_index" in spec.kwargs:
         kwargs["env_index"] = env_index
-    if max_episode_steps is not None:
-        kwargs["max_episode_steps"] = max_episode_steps
-    env = conform(gym.make(env_id, **kwargs), frame_stack, image_size)
+    if max_episode_steps is not None and "max_episode_steps" in spec.kwargs:
+        # An env that keeps its own time limit (CARLA) gets ours too, besides gymnasium's TimeLimit wrapper.
+        spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "max_episode_steps": max_episode_steps})
+    env = conform(gym.make(spec, max_episode_steps=max_episode_steps, **kwargs), frame_stack, image_size)
     return SeedEachEpisode(env, base_seed=seed, first_episode=first_episode)
