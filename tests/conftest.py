@@ -62,9 +62,10 @@ def fit_on_random_batches(module: TD3Module, count: int, *, callbacks: list[pl.C
                           **trainer_kwargs: object) -> pl.Trainer:
     shapes, action_dim = module.hparams.observation_shapes, module.hparams.action_dim
     reward_scale = trainer_kwargs.pop("reward_scale", 1.0)
+    trainer_kwargs.setdefault("accelerator", "cpu")
     loader = DataLoader(RandomBatches(shapes, action_dim, count, reward_scale=reward_scale), batch_size=None)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **trainer_kwargs,
     )
     trainer.fit(module, train_dataloaders=loader)

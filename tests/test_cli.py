@@ -134,3 +134,25 @@ def test_print_config_runs_as_is(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"] == resolved["model"] and saved["data"] == resolved["data"]
+
+
+def test_progress_bar_counts_env_steps_and_one_switch_turns_it_off(tmp_path: Path) -> None:
+    config = small_run_config(tmp_path, every=150, env_id="Pendulum-v1", total=150, learning_starts=50,
+                              episode_steps=50, extra={"data": {"batch_size": 16}})
+    shown = yaml.safe_load(config.read_text())
+    shown["trainer"]["enable_progress_bar"] = True
+    shown["trainer"]["callbacks"].append({"class_path": "callbacks.EnvStepProgressBar",
+                                          "init_args": {"refresh_every_s": 0.0}})
+    config.write_text(yaml.safe_dump(shown))
+    result = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).replace("\r", "\n").strip().splitlines()
+    bar = [line for line in lines if "150/150" in line]
+    assert bar, result.stderr[-2000:]
+    for field in ("env steps", "env/s=", "upd/s=", "return=", "warn=", "crit=", "buffer=150/5000"):
+        assert field in bar[-1], (field, bar[-1])
+
+    quiet = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
+                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "quiet"))
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "env steps" not in quiet.stdout + quiet.stderr

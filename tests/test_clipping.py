@@ -59,6 +59,22 @@ def test_post_clip_norm_never_exceeds_the_limit(precision: str) -> None:
     assert max(n for n in probe.pre_clip_critic if math.isfinite(n)) > 100.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
+def test_post_clip_norm_on_the_gpu_with_lightnings_own_scaler(precision: str) -> None:
+    torch.manual_seed(0)
+    module = make_module(policy_freq=1)
+    probe = PostClipNorms()
+    trainer = fit_on_random_batches(module, 8, callbacks=[probe], reward_scale=1e2, accelerator="gpu",
+                                    precision=precision)
+    if precision == "16-mixed":
+        assert trainer.precision_plugin.scaler is not None
+    finite_critic = [n for n in probe.critic if math.isfinite(n)]
+    assert finite_critic and max(finite_critic) <= 10.0 * (1 + 1e-3)
+    assert max(n for n in probe.actor if math.isfinite(n)) <= 1.0 * (1 + 1e-3)
+    assert max(n for n in probe.pre_clip_critic if math.isfinite(n)) > 100.0
+
+
 def test_clipping_off_leaves_large_gradients_alone() -> None:
     torch.manual_seed(0)
     module = make_module(policy_freq=1, gradient_clipping=GradientClipping(enabled=False))
