@@ -1,28 +1,114 @@
-"""Checkpoint files: where a run keeps them, and which one a resume may trust.
+"""Checkpoint files: how they are written, where a run keeps them, and which one a resume may trust.
 
-A run's checkpoints live in ``<default_root_dir>/checkpoints``. ``--ckpt_path last`` resolves to the newest
-checkpoint there that loads with ``torch.load(weights_only=True)`` and whose replay-buffer file is present; a
-truncated or corrupt one is reported by name and skipped, so a resume never silently starts from scratch because of
-one bad file.
+A run's checkpoints live in ``<default_root_dir>/checkpoints``, each with the replay-buffer file(s) it refers to. Every
+file is written atomically: a temp file in the same folder, fsync, then a rename over the target, so a kill at any
+moment leaves either the old file or the new one, never a half-written one; a write that fails (disk full) names the
+file and leaves the previous one as it was. ``--ckpt_path last`` resolves to the newest checkpoint there that loads
+with ``torch.load(weights_only=True)`` and whose replay-buffer files are readable; a truncated or corrupt one is
+reported by name and skipped, so a resume never silently starts from scratch because of one bad file.
+
+This module never loads a checkpoint into a model and never deletes a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 CHECKPOINT_SUFFIX = ".ckpt"
 STATE_KEY = "lit_td3"
+TEMP_SUFFIX = ".tmp"
+BUFFER_FORMAT = "lit_td3.ReplayBuffer"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and why."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or replay-buffer file could not be written (disk full, permissions); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls ``write(file)`` on a temp file beside ``path``, fsyncs it and renames it over ``path``.
+
+    A kill at any moment leaves ``path`` as it was or complete; a failed write (an ``OSError``: disk full, ...) removes
+    the temp file and raises ``CheckpointWriteError`` naming ``path``.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as err:
+        raise CheckpointWriteError(f"could not write {str(path)!r}: {err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(f"could not write {str(path)!r}: {err}; the previous file is intact") from err
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Points ``link`` at ``target`` (relative to the link's folder) by renaming a new link over it: no moment
+    without a ``link``."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}{TEMP_SUFFIX}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.symlink(os.path.relpath(target, link.parent), tmp)
+        os.replace(tmp, link)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointWriteError(f"could not point {str(link)!r} at {str(target)!r}: {err}") from err
+    _fsync_dir(link.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with ``atomic_write``: Lightning's own writes the temp file in the system temp
+    folder and *moves* it, which is a copy, not atomic, when that folder is on another filesystem."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Deletes the temp files that writes killed midway left in ``directory``; returns them."""
+    stale = [p for p in Path(directory).glob(f".*{TEMP_SUFFIX}") if p.is_file() or p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; some filesystems do not allow opening a folder, which is then best effort.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
 def checkpoint_dir(root: str | os.PathLike) -> Path:
     return Path(root) / "checkpoints"
 
@@ -34,44 +120,78 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for damaged files
+    except Exception as err:  # noqa: BLE001 - RuntimeError, EOFError, UnpicklingError...: all mean "damaged"
         raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt ({type(err).__name__}: {err})") from None
-    if STATE_KEY not in checkpoint:
+    if not isinstance(checkpoint, Mapping) or STATE_KEY not in checkpoint:
         raise CheckpointError(f"checkpoint {str(path)!r} was not written by lit_td3 (no {STATE_KEY!r} state)")
-    return checkpoint
+    return dict(checkpoint)
 
 
-def buffer_files_of(checkpoint: dict[str, Any], path: Path) -> list[Path]:
+def buffer_files_of(checkpoint: Mapping[str, Any], path: Path) -> list[Path]:
     """The replay-buffer files a checkpoint refers to (one per rank), resolved beside the checkpoint."""
     names = checkpoint[STATE_KEY].get("buffer_files", [])
     return [path.parent / name for name in names]
 
 
-def verify(path: str | os.PathLike) -> Path:
+def check_buffer_file(path: Path) -> None:
+    """Raises ``CheckpointError`` unless ``path`` is a readable replay-buffer file.
+
+    Reads only the file's index (memory-mapped): a truncated file fails here; the checksums of the data are checked
+    when the buffer is loaded.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"replay-buffer file {str(path)!r} is gone")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - as in read_checkpoint
+        raise CheckpointError(f"replay-buffer file {str(path)!r} is truncated or corrupt ({type(err).__name__}: "
+                              f"{err})") from None
+    if not isinstance(state, Mapping) or state.get("format") != BUFFER_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a lit_td3 replay-buffer file")
+
+
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint at ``path`` if it loads and its replay-buffer files are readable; else ``CheckpointError``."""
     path = Path(path)
     checkpoint = read_checkpoint(path)
-    missing = [str(f) for f in buffer_files_of(checkpoint, path) if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {str(path)!r} refers to replay-buffer file(s) that are gone: {missing}")
-    return path
+    for buffer_file in buffer_files_of(checkpoint, path):
+        try:
+            check_buffer_file(buffer_file)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint {str(path)!r} refers to a replay buffer it cannot use: {err}") from None
+    return checkpoint
 
 
 def resolve_checkpoint(ckpt_path: str, directory: str | os.PathLike) -> str | None:
-    """An explicit path must be good; ``last`` means the newest good checkpoint of ``directory`` (or none yet)."""
+    """An explicit path must be good; ``last`` means the newest good checkpoint of ``directory`` (or none yet).
+
+    Every skipped checkpoint and the one chosen are reported on stderr, so the log says where the run resumed.
+    """
     if ckpt_path != "last":
-        return str(verify(ckpt_path))
+        return _resuming(Path(ckpt_path), verify(ckpt_path))
     candidates = sorted(Path(directory).glob(f"*{CHECKPOINT_SUFFIX}"), key=_newest_first)
     for candidate in candidates:
         try:
-            return str(verify(candidate))
+            return _resuming(candidate, verify(candidate))
         except CheckpointError as err:
             print(f"lit_td3: skipping {err}", file=sys.stderr)
     if candidates:
-        raise CheckpointError(f"no usable checkpoint in {str(directory)!r}: every one of {len(candidates)} is damaged")
+        raise CheckpointError(f"no usable checkpoint in {str(directory)!r}: every one of {len(candidates)} is damaged "
+                              "or has lost its replay buffer (see above); pass --ckpt_path null to start a new run")
     print(f"lit_td3: no checkpoint in {str(directory)!r} yet: starting a new run", file=sys.stderr)
     return None
 
 
+def _resuming(path: Path, checkpoint: Mapping[str, Any]) -> str:
+    counters = checkpoint[STATE_KEY].get("counters", {})
+    print(f"lit_td3: resuming from {str(path)!r} (env step {counters.get('env_steps', '?')})", file=sys.stderr)
+    return str(path)
+
+
 def _newest_first(path: Path) -> tuple[int, float]:
     # last.ckpt links to the newest step checkpoint: try it first, then the others newest first.
-    return (0 if path.name == f"last{CHECKPOINT_SUFFIX}" else 1, -path.lstat().st_mtime)
+    try:
+        mtime = path.lstat().st_mtime
+    except FileNotFoundError:  # deleted while listing
+        mtime = 0.0
+    return (0 if path.name == f"last{CHECKPOINT_SUFFIX}" else 1, -mtime)

@@ -9,12 +9,22 @@ Bad configuration fails with one paragraph naming the field and value, before an
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import traceback
 from typing import Any
 
+import yaml
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lit_td3.checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
+from lit_td3.checkpoints import (
+    CheckpointError,
+    CheckpointWriteError,
+    checkpoint_dir,
+    resolve_checkpoint,
+)
 from lit_td3.config import ConfigError
 from lit_td3.data import RolloutDataModule
 from lit_td3.envs.carla.server import SimulatorUnavailableError
@@ -43,6 +53,14 @@ class TD3CLI(LightningCLI):
             run=run,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keeps the configured model settings: Lightning's version overwrites them with a checkpoint's hyperparameters.
+
+        In lit_td3 the config decides the training settings of a resumed run (the original report's rollback plan:
+        clipping off, other learning rates or noise), and a checkpoint must fit the configured shapes, which
+        ``TD3Module.on_load_checkpoint`` checks; ``--ckpt_path`` is resolved in ``before_instantiate_classes``.
+        """
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or DEFAULT_ROOT_DIR
@@ -64,18 +82,65 @@ class TD3CLI(LightningCLI):
             config.ckpt_path = resolve_checkpoint(config.ckpt_path, checkpoint_dir(root))
 
 
+EXIT_CODES = {"bad input": 2, "non-finite training": 3, "simulator unavailable": 4, "write failed": 5,
+              "terminated": 128 + signal.SIGTERM}
+
+
 def main(args: Any = None) -> None:
-    """Entry point; user-facing failures print one paragraph and exit non-zero instead of a traceback."""
+    """Entry point; user-facing failures print one paragraph and exit non-zero instead of a traceback.
+
+    Exit codes: 2 bad configuration or checkpoint, 3 too many non-finite updates, 4 simulator unavailable, 5 a
+    checkpoint or buffer file could not be written (disk full), 143 SIGTERM (after writing a checkpoint);
+    ``docs/reliability.md`` says what each leaves behind.
+    """
     try:
+        _check_config_files(sys.argv[1:] if args is None else args)
         TD3CLI(args=args)
     except (ConfigError, CheckpointError) as err:
-        print(f"lit_td3: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit("error", err, EXIT_CODES["bad input"])
     except NonFiniteTrainingError as err:
-        print(f"lit_td3: stopped: {err}", file=sys.stderr)
-        sys.exit(3)
+        _exit("stopped", err, EXIT_CODES["non-finite training"])
     except SimulatorUnavailableError as err:
-        print(f"lit_td3: stopped: {err}", file=sys.stderr)
-        sys.exit(4)
+        _exit("stopped", err, EXIT_CODES["simulator unavailable"])
+    except CheckpointWriteError as err:
+        _exit("stopped", err, EXIT_CODES["write failed"])
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit with code None: the run would end as if it had finished.
+        _exit("stopped", "SIGTERM received (callbacks.EnvStepCheckpoint has saved the current state if training had "
+              "started): continue with --ckpt_path last", EXIT_CODES["terminated"])
+    except ValueError as err:
+        # Constructors check their arguments: a ValueError while the config becomes objects is a bad value
+        # (jsonargparse wraps some in its own; the innermost one names the field).
+        if not any(frame.name == "instantiate_classes" for frame in traceback.extract_tb(err.__traceback__)):
+            raise
+        _exit("error", _innermost(err), EXIT_CODES["bad input"])
+
+
+def _exit(kind: str, err: BaseException | str, code: int) -> None:
+    print(f"lit_td3: {kind}: {err}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _innermost(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _check_config_files(args: Any) -> None:
+    """Names the file and line of a malformed ``--config`` YAML (jsonargparse's own message names neither)."""
+    if not isinstance(args, (list, tuple)):
+        return
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if isinstance(arg, str) and arg.startswith("--config="):
+            path = arg.removeprefix("--config=")
+        if not isinstance(path, str) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML: {' '.join(str(err).split())}") from None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,9 +25,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_td3.buffer import ReplayBuffer, Transition
+from lit_td3.buffer import ReplayBuffer
 from lit_td3.config import ConfigError, check
 from lit_td3.envs import DISCARD_KEY, check_env_id, make_env
+from lit_td3.envs.wrappers import NONFINITE_FIELDS_KEY, NONFINITE_KEY
 from lit_td3.scalars import log_scalars
 
 if TYPE_CHECKING:
@@ -46,23 +48,30 @@ class EpisodeResult:
     frames: np.ndarray | None = None  # T×H×W uint8, kept for the first evaluation episode only
 
 
-def numeric_info(info: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flattens the numeric scalars of an env's final ``info`` (nested dicts joined with '/')."""
-    out: dict[str, float] = {}
-    for key, value in info.items():
-        if isinstance(value, Mapping):
-            out.update(numeric_info(value, f"{prefix}{key}/"))
-        elif isinstance(value, (bool, int, float, np.number, np.bool_)) or (
-            isinstance(value, np.ndarray) and value.shape == ()
-        ):
-            out[f"{prefix}{key}"] = float(value)
-    return out
+def numeric_info(info: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric scalars of an env's final ``info`` (nested values, e.g. per-step dicts, are not episode stats)."""
+    return {
+        key: float(value)
+        for key, value in info.items()
+        if isinstance(value, (bool, int, float, np.number, np.bool_))
+        or (isinstance(value, np.ndarray) and value.shape == () and value.dtype != object)
+    }
 
 
 def final_info_of(infos: Mapping[str, Any], env: int) -> dict[str, Any]:
     """The final ``info`` of vector slot ``env`` from gymnasium's vectorised info format (``key`` + ``_key`` mask)."""
     final = infos.get("final_info", {})
     return {k: v[env] for k, v in final.items() if not k.startswith("_") and final.get(f"_{k}", [False] * (env + 1))[env]}
+
+
+class SampleRequest:
+    """What the stream yields for each update: the batch itself is drawn when the learner takes it.
+
+    Lightning fetches one item ahead of ``training_step`` (LIGHTNING_NOTES 4). A batch drawn at fetch time would
+    leave a checkpoint written after ``training_step`` with a buffer RNG that already drew a batch the checkpoint
+    does not hold; drawn in ``RolloutDataModule.on_before_batch_transfer`` instead, a prefetched request holds no
+    state but one unit of update credit, which ``RolloutDataModule.state_dict`` gives back.
+    """
 
 
 class RolloutStream(IterableDataset):
@@ -73,13 +82,13 @@ class RolloutStream(IterableDataset):
         self.dm = datamodule
         self.agent = agent
 
-    def __iter__(self) -> Iterator[Transition]:
+    def __iter__(self) -> Iterator[SampleRequest]:
         # Lightning calls __iter__ again on a new epoch or after a restart of the fit loop: continue the running
         # envs, never reset them (LIGHTNING_NOTES 4).
         dm, counters = self.dm, self.agent.counters
         envs = dm.training_envs()
         while counters.env_steps < dm.total_env_steps:
-            actions = dm.explore(envs, self.agent)
+            actions = dm.next_actions(self.agent)
             t0 = time.perf_counter()
             if isinstance(envs, gym.vector.AsyncVectorEnv):
                 envs.step_async(actions)
@@ -95,20 +104,15 @@ class RolloutStream(IterableDataset):
         # The run is over at data.total_env_steps, whichever epoch this is (a resumed run starts a new one).
         self.agent.trainer.should_stop = True
 
-    def _batches_due(self) -> Iterator[Transition]:
+    def _batches_due(self) -> Iterator[SampleRequest]:
         dm = self.dm
-        if self.agent.counters.env_steps < dm.learning_starts:
-            return
-        dm.update_credit += dm.num_envs * dm.replay_ratio
         while dm.update_credit >= 1.0:
             dm.update_credit -= 1.0
-            t0 = time.perf_counter()
-            batch = dm.buffer.sample(dm.batch_size)
-            dm.timings.add("sample_ms", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            yield batch
-            # Time away from the generator: the update (and Lightning's loop around it).
-            dm.timings.add("update_ms", time.perf_counter() - t0)
+            dm.requests_out += 1
+            t0, sampling_s = time.perf_counter(), dm.sampling_s
+            yield SampleRequest()
+            # Time away from the generator, less the sampling done there: the update and Lightning's loop around it.
+            dm.timings.add("update_ms", time.perf_counter() - t0 - (dm.sampling_s - sampling_s))
 
 
 class EvaluationEpisodes(IterableDataset):
@@ -229,6 +233,11 @@ class RolloutDataModule(pl.LightningDataModule):
         self._episodes_per_env = [0] * num_envs
         self._resumed = False
         self.last_episode: EpisodeResult | None = None
+        # Resume state (see state_dict): the actions chosen for the coming env step, not yet applied to the envs;
+        # sample requests yielded but not yet turned into batches; seconds spent sampling (for perf/update_ms).
+        self.pending_actions: np.ndarray | None = None
+        self.requests_out = 0
+        self.sampling_s = 0.0
 
     # ----------------------------------------------------------------------------------------------- setup
     @property
@@ -269,6 +278,8 @@ class RolloutDataModule(pl.LightningDataModule):
     def training_envs(self) -> gym.vector.VectorEnv:
         """The training envs, built on first use (after a checkpoint restore, so episode seeds continue)."""
         if self.envs is None:
+            if self._resumed:
+                self._close_cut_episodes()  # first: the episode indices the new envs start from move past them
             fns = [
                 self._env_fn(g, self.seed + 7919 * g, self._episodes_per_env[i])
                 for i, g in enumerate(self.global_env_index(i) for i in range(self.num_envs))
@@ -283,6 +294,16 @@ class RolloutDataModule(pl.LightningDataModule):
                 self.buffer.mark_episode_boundary()
         return self.envs
 
+    def _close_cut_episodes(self) -> None:
+        """Ends, as truncated, the episodes a checkpoint cut: their env state died with the process.
+
+        They are logged with what they had gathered and ``rollout/cut_by_resume = 1``. A checkpoint on an episode
+        boundary cuts none, and the resumed run then follows the same episodes as one never stopped.
+        """
+        counters = self.trainer.lightning_module.counters
+        for i in np.flatnonzero(self._episode_lengths > 0):
+            self._close_episode(i, {"cut_by_resume": 1.0}, counters)
+
     def _vector_kwargs(self) -> dict[str, Any]:
         # forkserver: a forked worker inherits the learner's OpenMP thread pool state and the two fight for the
         # cores (a 10x slowdown measured on 2 cores); a fresh interpreter per worker does not.
@@ -290,8 +311,11 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Batches are built by the stream; one process only (LIGHTNING_NOTES 6): workers would copy env and buffer.
+        # A generator of its own: iter() draws the loader's (unused) base seed from it, not from the global torch RNG
+        # that the update noise uses, so a resumed run draws the same noise as one never stopped. No pin_memory:
+        # the loader carries SampleRequests; batches are drawn after it, in on_before_batch_transfer.
         return DataLoader(RolloutStream(self, self.trainer.lightning_module), batch_size=None, num_workers=0,
-                          pin_memory=self.buffer_device == "cpu" and torch.cuda.is_available())
+                          generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.trainer.state.fn == "fit":
@@ -305,6 +329,30 @@ class RolloutDataModule(pl.LightningDataModule):
             self.envs = None
 
     # ----------------------------------------------------------------------------------------------- rollout
+    def next_actions(self, agent: TD3Module) -> np.ndarray:
+        """The actions of the coming env step, chosen once (with its update credit) and kept until they are applied.
+
+        Kept in ``pending_actions`` because a checkpoint can fall between choosing and applying them (the learner
+        updates while the step runs): a resumed run applies the same actions.
+        """
+        if self.pending_actions is None:
+            if agent.counters.env_steps >= self.learning_starts:
+                self.update_credit += self.num_envs * self.replay_ratio
+            self.pending_actions = self.explore(self.envs, agent)
+        return self.pending_actions
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Draws the batch of a ``SampleRequest`` now that the learner takes it (see ``SampleRequest``)."""
+        if not isinstance(batch, SampleRequest):
+            return batch
+        self.requests_out -= 1
+        t0 = time.perf_counter()
+        sample = self.trainer.precision_plugin.convert_input(self.buffer.sample(self.batch_size))
+        elapsed = time.perf_counter() - t0
+        self.sampling_s += elapsed
+        self.timings.add("sample_ms", elapsed)
+        return sample
+
     def explore(self, envs: gym.vector.VectorEnv, agent: TD3Module) -> np.ndarray:
         """Uniform random actions before ``learning_starts``, then mu(s) + N(0, sigma), clipped to [-1, 1]."""
         shape = (self.num_envs, self.action_dim)
@@ -326,16 +374,31 @@ class RolloutDataModule(pl.LightningDataModule):
         self.buffer.add(self._obs, actions, reward.astype(np.float32), real_next, terminated, truncated,
                         valid=~discard)
         self._obs = next_obs
+        self.pending_actions = None
         counters = agent.counters
-        counters.env_steps += self.num_envs
+        counters.env_steps += self.num_envs * self.world_size  # data.total_env_steps is global: ranks step in lockstep
         self._episode_returns += np.where(discard, 0.0, reward)
         self._episode_lengths += 1
         for i in np.flatnonzero(done):
+            self._report_nonfinite(i, final_info_of(infos, i), counters)
             info = numeric_info(final_info_of(infos, i))
             info.pop(DISCARD_KEY, None)
             info["faults"] = float(discard[i])
             self._close_episode(i, info, counters)
         self._log_progress(counters, agent.log_every_n_env_steps)
+
+    def _report_nonfinite(self, i: int, info: Mapping[str, Any], counters: Any) -> None:
+        """Counts and reports a step whose NaN/inf output the env boundary rejected (``wrappers.RejectNonFinite``)."""
+        if not info.get(NONFINITE_KEY):
+            return
+        counters.nonfinite_env_outputs += 1
+        warnings.warn(
+            f"lit_td3: env {self.global_env_index(i)} returned a non-finite {info.get(NONFINITE_FIELDS_KEY, 'output')} "
+            f"at env step {counters.env_steps}: transition discarded, episode ended as truncated "
+            f"({counters.nonfinite_env_outputs} so far)", stacklevel=2
+        )
+        log_scalars(self.trainer, {"alerts/nonfinite_env_outputs": float(counters.nonfinite_env_outputs)},
+                    counters.env_steps)
 
     def _close_episode(self, i: int, info: dict[str, float], counters: Any) -> None:
         result = EpisodeResult(float(self._episode_returns[i]), int(self._episode_lengths[i]), info)
@@ -384,14 +447,21 @@ class RolloutDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """What the stream needs to continue exactly: exploration RNG, replay credit, per-env episode indices.
+        """What the stream needs to continue exactly: exploration RNG, the chosen but unapplied actions, update
+        credit, per-env episode indices and the open episodes' accumulators. Plain types and tensors only, so that the
+        checkpoint loads with ``torch.load(weights_only=True)``.
 
-        The buffer itself is written beside the checkpoint by ``callbacks.EnvStepCheckpoint`` (it is gigabytes).
+        Requests the learner has not taken yet (Lightning's prefetch) are given back as credit: the resumed stream
+        issues them again. The buffer itself is written beside the checkpoint by ``callbacks.EnvStepCheckpoint``.
         """
+        pending = None if self.pending_actions is None else torch.from_numpy(self.pending_actions.copy())
         return {
             "rng": self.rng.bit_generator.state,
-            "update_credit": self.update_credit,
+            "update_credit": self.update_credit + self.requests_out,
+            "pending_actions": pending,
             "episodes_per_env": list(self._episodes_per_env),
+            "episode_returns": self._episode_returns.tolist(),
+            "episode_lengths": self._episode_lengths.tolist(),
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -406,6 +476,10 @@ class RolloutDataModule(pl.LightningDataModule):
         self.rng.bit_generator.state = state["rng"]
         self.update_credit = state["update_credit"]
         self._episodes_per_env = list(state["episodes_per_env"])
+        pending = state.get("pending_actions")
+        self.pending_actions = None if pending is None else pending.numpy()
+        self._episode_returns = np.array(state.get("episode_returns", self._episode_returns), dtype=np.float64)
+        self._episode_lengths = np.array(state.get("episode_lengths", self._episode_lengths), dtype=np.int64)
         self._resumed = True
 
     def buffer_path(self, directory: str | os.PathLike) -> str:

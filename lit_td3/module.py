@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lit_td3.buffer import Transition
@@ -52,18 +53,30 @@ class GradientClipping:
 
 @dataclass
 class RunCounters:
-    """The counts that define where a run is; saved in every checkpoint."""
+    """The counts that define where a run is, and its fault counts; saved in every checkpoint."""
 
     env_steps: int = 0
     critic_updates: int = 0
     actor_updates: int = 0
     episodes: int = 0
     nonfinite_steps: int = 0
-    consecutive_nonfinite: int = 0
+    """Optimizer steps skipped for a NaN/inf loss or gradient (``alerts/nonfinite_steps``)."""
+    consecutive_nonfinite: dict[str, int] = field(default_factory=lambda: {"actor": 0, "critic": 0})
+    """Per network, its skipped steps since its last finite one."""
+    nonfinite_env_outputs: int = 0
+    """Env steps discarded at the env boundary for a NaN/inf observation or reward."""
+    q_bound_alerts: int = 0
+    """Actor updates whose mean Q1(s, mu(s)) was beyond the Q bound (``model.reward_bound``)."""
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> RunCounters:
+        """Counters from a checkpoint; counts this version does not know are dropped, missing ones start at 0."""
+        known = {f.name for f in fields(cls)} - {"consecutive_nonfinite"}  # a streak is not carried over
+        return cls(**{k: v for k, v in state.items() if k in known})
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive non-finite updates: the run stops (its last checkpoint holds finite weights)."""
+    """Too many consecutive non-finite updates of one network: the run stops, its checkpoint holds finite weights."""
 
 
 @dataclass
@@ -96,6 +109,8 @@ class TD3Module(pl.LightningModule):
         compile: bool = False,
         observation_shapes: dict[str, list[int]] | None = None,
         action_dim: int | None = None,
+        reward_bound: float | None = None,
+        q_bound_margin: float = 2.0,
     ) -> None:
         """
         Args:
@@ -115,6 +130,9 @@ class TD3Module(pl.LightningModule):
             compile: Compile actor and critic with ``torch.compile`` (telemetry and clipping stay exact).
             observation_shapes: Filled from the env by the data module; set only to load a checkpoint by hand.
             action_dim: Filled from the env by the data module; set only to load a checkpoint by hand.
+            reward_bound: r_max, the largest |reward| of one env step, if known; enables the Q-bound alert: an actor
+                update whose mean Q1(s, mu(s)) exceeds ``q_bound_margin * r_max / (1 - gamma)`` in magnitude.
+            q_bound_margin: Factor over r_max / (1 - gamma), the largest |Q| any policy can earn, before the alert.
         """
         super().__init__()
         gradient_clipping = gradient_clipping or GradientClipping()
@@ -130,6 +148,8 @@ class TD3Module(pl.LightningModule):
         check("model.log_every_n_env_steps", log_every_n_env_steps, log_every_n_env_steps >= 1, "at least 1")
         check("model.max_consecutive_nonfinite", max_consecutive_nonfinite, max_consecutive_nonfinite >= 1,
               "at least 1")
+        check("model.reward_bound", reward_bound, reward_bound is None or reward_bound > 0, "null or positive")
+        check("model.q_bound_margin", q_bound_margin, q_bound_margin >= 1.0, "at least 1.0")
         self.save_hyperparameters(ignore=["gradient_clipping", "network"])
         # Plain dicts, not dataclasses, so that checkpoints load with torch.load(weights_only=True).
         self.hparams["gradient_clipping"] = asdict(gradient_clipping)
@@ -144,6 +164,9 @@ class TD3Module(pl.LightningModule):
         self.window = WindowMeans()
         self._logged_at = 0
         self._optimized: dict[int, _Optimized] = {}
+        self._loss = torch.zeros(())  # the loss of the step about to be taken (on_before_backward)
+        self._q_limit = None if reward_bound is None else q_bound_margin * reward_bound / (1.0 - gamma)
+        self._q_over = False
         if observation_shapes is not None and action_dim is not None:
             self._build_networks(observation_shapes, action_dim)
 
@@ -268,28 +291,75 @@ class TD3Module(pl.LightningModule):
         self.last_gradient_norms.update({f"{opt.name}_{part}": norm for part, norm in norms.items()})
         self.window.add(telemetry)
 
-    def _finite_or_skip(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> bool:
-        """Skips the step of a non-finite gradient (parameters unchanged); too many in a row stop the run.
+    def on_before_backward(self, loss: Tensor) -> None:
+        self._loss = loss.detach()  # read by _finite_or_skip when this loss's optimizer is about to step
 
-        Under a GradScaler (16-mixed), infinite gradients are the scaler's business: it skips the step itself and
-        lowers the scale, so they are not counted here.
+    def _finite_or_skip(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> bool:
+        """Skips the step of a non-finite loss or gradient (parameters unchanged); too many in a row stop the run.
+
+        A non-finite TD target makes the critic's loss non-finite, so it is caught here too. The actor's loss is
+        -mean Q1(s, mu(s)): the Q-bound check reads it in the same host sync. Under a GradScaler (16-mixed), infinite
+        gradients are the scaler's business: it skips the step itself and lowers the scale, so they are not counted.
         """
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None or bool(torch.isfinite(total)):
-            self.counters.consecutive_nonfinite = 0
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        q_check = opt.name == "actor" and self._q_limit is not None
+        if scaler is not None and not q_check:
             return True
+        loss = self._loss.float() if scaler is None else self._loss.float() / scaler.get_scale()
+        finite = torch.stack([torch.isfinite(total), torch.isfinite(loss)]).float()
+        if self.trainer.world_size > 1:
+            # Gradients are all-reduced, losses are each rank's own: all ranks must skip together or none, or the
+            # replicas' weights would part ways.
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        grad_ok, loss_ok, q = torch.cat([finite, -loss.reshape(1)]).tolist()
+        if q_check:
+            self._check_q_bound(q)
+        if scaler is not None or (grad_ok and loss_ok):
+            self.counters.consecutive_nonfinite[opt.name] = 0
+            return True
+        self._skip_step(opt, optimizer, "gradient norm" if loss_ok else "loss")
+        return False
+
+    def _skip_step(self, opt: _Optimized, optimizer: torch.optim.Optimizer, what: str) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None  # Adam skips parameters without a gradient: no step, no moment update
-        self.counters.nonfinite_steps += 1
-        self.counters.consecutive_nonfinite += 1
-        self.print(f"lit_td3: non-finite {opt.name} gradient at env step {self.counters.env_steps}: update skipped "
-                   f"({self.counters.consecutive_nonfinite} in a row)")
-        if self.counters.consecutive_nonfinite >= self.hparams.max_consecutive_nonfinite:
+        counters = self.counters
+        counters.nonfinite_steps += 1
+        counters.consecutive_nonfinite[opt.name] += 1
+        in_a_row = counters.consecutive_nonfinite[opt.name]
+        rank_zero_warn(f"lit_td3: non-finite {opt.name} {what} at env step {counters.env_steps}: {opt.name} update "
+                       f"skipped, parameters unchanged ({in_a_row} in a row)")
+        log_scalars(self.trainer, {"alerts/nonfinite_steps": float(counters.nonfinite_steps)}, counters.env_steps)
+        if in_a_row >= self.hparams.max_consecutive_nonfinite:
             raise NonFiniteTrainingError(
-                f"{self.counters.consecutive_nonfinite} consecutive non-finite updates (last: {opt.name}) at env step "
-                f"{self.counters.env_steps}: stopping; the last checkpoint holds the last finite weights"
+                f"{in_a_row} consecutive non-finite {opt.name} updates (model.max_consecutive_nonfinite="
+                f"{self.hparams.max_consecutive_nonfinite}) at env step {counters.env_steps}: stopping with a checkpoint"
+                " of the last finite weights"
             )
-        return False
+
+    def _check_q_bound(self, q: float) -> None:
+        """Counts actor updates whose mean Q1(s, mu(s)) is beyond the bound; warns when it first crosses it."""
+        over = abs(q) > self._q_limit
+        if over:
+            self.counters.q_bound_alerts += 1
+            if not self._q_over:
+                hp = self.hparams
+                rank_zero_warn(
+                    f"lit_td3: Q-bound alert at env step {self.counters.env_steps}: the critic's mean Q1(s, mu(s)) is "
+                    f"{q:.4g}, beyond +-{self._q_limit:.4g} = {hp.q_bound_margin} x r_max / (1 - gamma) with "
+                    f"r_max={hp.reward_bound}, gamma={hp.gamma}: the critic's estimates are diverging (the actor loss "
+                    "is their negation)"
+                )
+        self._q_over = over
+
+    def alert_metrics(self) -> dict[str, float]:
+        """The running fault counts, logged at every log point as ``alerts/*``."""
+        return {
+            "alerts/nonfinite_steps": float(self.counters.nonfinite_steps),
+            "alerts/nonfinite_env_outputs": float(self.counters.nonfinite_env_outputs),
+            "alerts/q_bound": float(self.counters.q_bound_alerts),
+        }
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log_if_due(self) -> None:
@@ -298,7 +368,7 @@ class TD3Module(pl.LightningModule):
             return
         self._logged_at = self.counters.env_steps
         metrics = self.window.flush()
-        metrics["alerts/nonfinite_steps"] = float(self.counters.nonfinite_steps)
+        metrics.update(self.alert_metrics())
         metrics["train/actor_updates"] = float(self.counters.actor_updates)
         log_scalars(self.trainer, metrics, self.counters.env_steps)
 
@@ -308,32 +378,75 @@ class TD3Module(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        bad = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        """Adds the run's counters and every RNG state; refuses (writing nothing) if any weight is NaN/inf."""
+        bad = nonfinite_tensors(checkpoint)
         if bad:
-            raise NonFiniteTrainingError(f"refusing to write a checkpoint with non-finite weights in {bad[:5]}")
+            raise NonFiniteTrainingError(
+                f"refusing to write a checkpoint at env step {self.counters.env_steps}: non-finite values in "
+                f"{bad[:5]}; the previous checkpoint holds the last finite state"
+            )
         checkpoint.setdefault("lit_td3", {}).update({
             "counters": asdict(self.counters),
             "logged_at": self._logged_at,
             "rng": {
                 "python": random.getstate(),
+                "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
         })
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint of other shapes before anything is loaded; restores counters and RNG states.
+
+        Training settings (learning rates, clipping, noise, gamma) are not compared: the configured ones apply.
+        """
         saved = checkpoint.get("hyper_parameters", {})
-        for key in ("observation_shapes", "action_dim", "network"):
-            if key in saved and saved[key] != self.hparams[key]:
-                raise ConfigError(
-                    f"the checkpoint's {key} is {saved[key]}, this run's is {self.hparams[key]}: a checkpoint loads "
-                    "only into the same observation shapes, action size and network sizes"
-                )
+        mismatched = [f"{key} {saved[key]} (this run: {self.hparams[key]})"
+                      for key in ("observation_shapes", "action_dim", "network")
+                      if key in saved and saved[key] != self.hparams[key]]
+        if mismatched:
+            raise ConfigError(
+                f"checkpoint {str(self.trainer.ckpt_path)!r} does not fit this run's env and model: its "
+                f"{'; its '.join(mismatched)}. A checkpoint loads only into the same observation shapes, action size "
+                "and network sizes; training settings (learning rates, clipping, noise) may differ"
+            )
         state = checkpoint["lit_td3"]
-        self.counters = RunCounters(**state["counters"])
+        self.counters = RunCounters.from_state(state["counters"])
         self._logged_at = state["logged_at"]
         rng = state["rng"]
         random.setstate(rng["python"])
+        if "numpy" in rng:
+            _set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
+    """Names of the weights and optimizer-state tensors of a checkpoint dict that hold a NaN or inf."""
+    named = list(checkpoint.get("state_dict", {}).items())
+    for i, optimizer_state in enumerate(checkpoint.get("optimizer_states", [])):
+        for param, state in optimizer_state.get("state", {}).items():
+            named += [(f"optimizer {i} param {param} {key}", value) for key, value in state.items()]
+    seen: set[tuple[str, int]] = set()  # a module registered under two names shares its tensors: report it once
+    bad = []
+    for name, t in named:
+        if not isinstance(t, Tensor) or not t.is_floating_point() or (t.device.type, t.data_ptr()) in seen:
+            continue
+        seen.add((t.device.type, t.data_ptr()))
+        if not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    # The legacy global RNG's key is a uint32 ndarray, which torch.load(weights_only=True) refuses: store a tensor.
+    state = np.random.get_state(legacy=False)
+    state["state"] = {**state["state"], "key": torch.from_numpy(state["state"]["key"].astype(np.int64))}
+    return state
+
+
+def _set_numpy_rng_state(state: Mapping[str, Any]) -> None:
+    inner = {**state["state"], "key": state["state"]["key"].numpy().astype(np.uint32)}
+    np.random.set_state({**state, "state": inner})

@@ -72,7 +72,7 @@ def test_post_clip_norm_on_the_gpu_with_lightnings_own_scaler(precision: str) ->
     finite_critic = [n for n in probe.critic if math.isfinite(n)]
     assert finite_critic and max(finite_critic) <= 10.0 * (1 + 1e-3)
     assert max(n for n in probe.actor if math.isfinite(n)) <= 1.0 * (1 + 1e-3)
-    assert max(n for n in probe.pre_clip_critic if math.isfinite(n)) > 100.0
+    assert max(n for n in probe.pre_clip_critic if math.isfinite(n)) > 20.0  # clipping really engaged
 
 
 def test_clipping_off_leaves_large_gradients_alone() -> None:

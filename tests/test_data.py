@@ -138,6 +138,7 @@ def test_unknown_env_id_carries_gymnasiums_suggestion() -> None:
         RolloutDataModule(env_id="CarRacing-v2")
 
 
-def test_numeric_info_keeps_numbers_and_flattens_dicts() -> None:
-    info = {"collision": True, "distance_m": np.float32(3.5), "name": "x", "terms": {"progress": 1.0}}
-    assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "terms/progress": 1.0}
+def test_numeric_info_keeps_the_numeric_scalars() -> None:
+    info = {"collision": True, "distance_m": np.float32(3.5), "name": "x", "terms": {"progress": 1.0},
+            "reward/progress": 2}
+    assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "reward/progress": 2.0}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.figure import Figure
-from report_fixtures import (
+from tests.report_fixtures import (
     EPISODE_STEPS,
     TRAIN_STEPS,
     Scalars,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from report_fixtures import (
+from tests.report_fixtures import (
     TRAIN_STEPS,
     exploding_scalars,
     healthy_scalars,

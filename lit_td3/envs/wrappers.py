@@ -35,18 +35,39 @@ class DictObservation(gym.ObservationWrapper):
         return {self.key: observation}
 
 
+NONFINITE_KEY = "nonfinite_env_output"
+"""``info[NONFINITE_KEY] = 1.0`` on a step that ``RejectNonFinite`` discarded; the stream counts and reports it."""
+NONFINITE_FIELDS_KEY = "nonfinite_fields"
+"""Which outputs of that step were NaN/inf, e.g. ``"reward, observation 'vector'"`` (for the report)."""
+
+
 class RejectNonFinite(gym.Wrapper):
     """Ends the episode (truncated, transition discarded) when the env returns a NaN/inf observation or reward.
 
-    A single non-finite value written to the replay buffer would poison every critic target that samples it.
+    A single non-finite value written to the replay buffer would poison every critic target that samples it. The
+    reward is checked as the float32 the buffer stores: a finite float64 beyond 3.4e38 would become inf there.
     """
+
+    RESET_ATTEMPTS = 3
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
-        if np.isfinite(reward) and all(np.isfinite(v).all() for v in obs.values()):
+        with np.errstate(over="ignore"):
+            bad = [] if np.isfinite(np.float32(reward)) else ["reward"]
+        bad += [f"observation {k!r}" for k, v in obs.items() if not np.isfinite(v).all()]
+        if not bad:
             return obs, reward, terminated, truncated, info
-        info = {**info, DISCARD_KEY: True, "nonfinite_env_output": 1.0}
+        info = {**info, DISCARD_KEY: True, NONFINITE_KEY: 1.0, NONFINITE_FIELDS_KEY: ", ".join(bad)}
         return obs, 0.0, False, True, info
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        # A reset observation has no step to discard: reset again (the env's RNG moves on), a few times at most.
+        for _ in range(self.RESET_ATTEMPTS):
+            obs, info = self.env.reset(seed=seed, options=options)
+            if all(np.isfinite(v).all() for v in obs.values()):
+                return obs, info
+            seed = None
+        raise RuntimeError(f"{self.env}: {self.RESET_ATTEMPTS} resets in a row returned a NaN/inf observation")
 
 
 class SeedEachEpisode(gym.Wrapper):

@@ -1,0 +1,80 @@
+"""Env-steps/s of one GPU against several, through the real CLI and Lightning's DDP (GitHub issue "Scale-out").
+
+Each configuration trains the embedded env (CarRacing-v3, pixels) from scratch for ``--total-env-steps`` global env
+steps with ``--num-envs`` async envs per rank; the figure is the median of the ``perf/env_steps_per_s`` points the
+run logged during its learning phase (global env steps over wall time between log points, all ranks together).
+Runs alternate between the device counts for ``--repeats`` rounds.
+
+    python benchmarks/ddp_scaling.py --devices 1,2           # on a machine with 2 GPUs
+    python benchmarks/ddp_scaling.py --devices 1,2 --accelerator cpu --total-env-steps 600 --learning-starts 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine_line  # noqa: E402
+
+from lit_td3.report import load_run  # noqa: E402
+
+
+def run(devices: int, args: argparse.Namespace, root: Path) -> float:
+    command = [
+        sys.executable, "-m", "lit_td3", "fit", "--config", "configs/td3.yaml",
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", args.accelerator, "--trainer.devices", str(devices),
+        "--trainer.callbacks", "[]",
+        "--data.total_env_steps", str(args.total_env_steps), "--data.learning_starts", str(args.learning_starts),
+        "--data.num_envs", str(args.num_envs), "--data.replay_ratio", str(args.replay_ratio),
+        "--data.buffer_size", str(args.total_env_steps), "--data.max_episode_steps", "1000",
+        "--model.log_every_n_env_steps", str(args.log_every), *args.lit_arg,
+    ]
+    if devices > 1:
+        command += ["--trainer.strategy", "ddp"]
+    subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
+                   stdout=subprocess.DEVNULL)
+    rate = load_run(root)["perf/env_steps_per_s"]
+    learning = rate.values[rate.steps > args.learning_starts + 2 * args.log_every]
+    return float(statistics.median(learning))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", default="1,2", help="comma-separated device counts; the first is the baseline")
+    parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--num-envs", type=int, default=4, help="async envs per rank")
+    parser.add_argument("--replay-ratio", type=float, default=0.25, help="updates per env step")
+    parser.add_argument("--total-env-steps", type=int, default=12_000, help="global env steps per run")
+    parser.add_argument("--learning-starts", type=int, default=2_000)
+    parser.add_argument("--log-every", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--lit-arg", action="append", default=[], metavar="ARG", help="extra CLI argument for lit_td3")
+    args = parser.parse_args()
+    counts = [int(d) for d in args.devices.split(",")]
+    rates: dict[int, list[float]] = {d: [] for d in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            for devices in counts if round_ % 2 == 0 else counts[::-1]:
+                rates[devices].append(run(devices, args, Path(tmp) / f"d{devices}_r{round_}"))
+    base = statistics.median(rates[counts[0]])
+    print(machine_line("cuda" if args.accelerator == "gpu" else "cpu"))
+    print(f"\nCarRacing-v3 pixels, {args.num_envs} async envs per rank, replay ratio {args.replay_ratio}, "
+          f"{args.total_env_steps} global env steps per run, {args.repeats} runs each, alternating\n")
+    print("| devices | env-steps/s median | min–max | ratio to first |\n| --- | --- | --- | --- |")
+    for devices in counts:
+        median = statistics.median(rates[devices])
+        print(f"| {devices} | {median:.1f} | {min(rates[devices]):.1f}–{max(rates[devices]):.1f} | "
+              f"{median / base:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements recorded in BENCHMARKS.md and docs/example-report/, as they were run on the lent GPU machine
+# (Python 3.12 with torch and pytorch-lightning preinstalled; the other packages carried as wheels in .whl/).
+#   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time (one GPU)
+#   bash benchmarks/gpu_session.sh sb3 OUTDIR     # lit_td3 vs SB3, side by side (one GPU)
+#   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
+#   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
+#   bash benchmarks/gpu_session.sh ddp OUTDIR     # 1 vs 2 GPUs through DDP (a machine with 2 GPUs)
+set -uo pipefail
+part=$1; out=$2; mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export SDL_VIDEODRIVER=dummy PYTHONUNBUFFERED=1
+run() { local name=$1; shift; echo "== $name: $*"; ( time "$@" ) > "$out/$name.txt" 2>&1; echo "   exit $? ($(tail -3 "$out/$name.txt" | tr '\n' ' '))"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+case $part in
+  part1)
+    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_clipping.py tests/test_buffer.py -k "gpu or cuda or GradScaler"
+    run update_time python3 benchmarks/update_time.py --device cuda --paths pixel,state
+    ;;
+  sb3)
+    run compare_sb3 python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 --warmup-steps 100
+    ;;
+  scaling)
+    run env_scaling python3 benchmarks/env_scaling.py --device cuda --num-envs 1,8
+    ;;
+  ab)
+    ab=runs/ab
+    run ab_clipping_off python3 -m lit_td3 fit --config configs/td3.yaml --config configs/validation_5k.yaml \
+      --model.gradient_clipping.enabled false --trainer.default_root_dir $ab/clipping_off --trainer.enable_progress_bar false
+    run ab_clipping_on python3 -m lit_td3 fit --config configs/td3.yaml --config configs/validation_5k.yaml \
+      --trainer.default_root_dir $ab/clipping_on --trainer.enable_progress_bar false
+    run ab_compare python3 -m lit_td3.report compare --baseline $ab/clipping_off --candidate $ab/clipping_on \
+      --output $ab/example-report
+    tar czf "$out/ab_runs.tgz" --exclude='*.pt' --exclude='*.ckpt' $ab
+    ;;
+  ddp)
+    run ddp_scaling python3 benchmarks/ddp_scaling.py --devices 1,2
+    ;;
+esac

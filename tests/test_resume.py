@@ -1,0 +1,337 @@
+"""Resume that is really a resume: real ``kill -9`` of the real CLI, then ``--ckpt_path last``.
+
+Every run here is a subprocess of ``python -m lit_td3`` on a real gymnasium env with tiny networks and one torch
+thread (two processes on two cores otherwise fight over threads and take four times as long).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from lit_td3.buffer import ReplayBuffer
+from lit_td3.checkpoints import CheckpointError, resolve_checkpoint
+from lit_td3.report import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+CLI = [sys.executable, "-m", "lit_td3"]
+
+# Runs the real CLI after making the first torch.save into a temp file of $KILL_WRITING write half of its bytes and
+# then SIGKILL its own process: a kill in the middle of writing that file, at a moment chosen exactly.
+KILL_WHILE_WRITING = [sys.executable, "-c", """
+import io, os, signal, tempfile, torch
+target, temps, real_mkstemp, real_save = os.environ["KILL_WRITING"], {}, tempfile.mkstemp, torch.save
+def mkstemp(*args, **kwargs):
+    fd, name = real_mkstemp(*args, **kwargs)
+    temps[fd] = os.path.basename(name)
+    return fd, name
+def save(obj, f, *args, **kwargs):
+    if isinstance(f, io.BufferedWriter) and temps.get(f.fileno(), "").startswith(f".{target}."):
+        data = io.BytesIO()
+        real_save(obj, data, *args, **kwargs)
+        f.write(data.getvalue()[: len(data.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+tempfile.mkstemp, torch.save = mkstemp, save
+from lit_td3.cli import main
+main()
+"""]
+
+
+# Runs the real CLI with no file allowed to grow past $FILE_SIZE_LIMIT bytes: a write beyond it fails as on a full
+# disk (the kernel refuses the write; SIGXFSZ, which a full disk does not send, is ignored).
+WITH_FILE_SIZE_LIMIT = [sys.executable, "-c", """
+import os, resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(os.environ["FILE_SIZE_LIMIT"])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from lit_td3.cli import main
+main()
+"""]
+
+
+def run_config(folder: Path, *, env_id: str, total: int, every: int, episode_steps: int, learning_starts: int,
+               data: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> Path:
+    """A config layered on configs/td3.yaml: tiny networks, a short run, checkpoints every ``every`` env steps."""
+    config = {
+        "trainer": {
+            "default_root_dir": str(folder / "run"),
+            "enable_progress_bar": False,
+            "callbacks": [
+                {"class_path": "callbacks.EnvStepCheckpoint", "init_args": {"every_n_env_steps": every}},
+                {"class_path": "callbacks.EvaluationCallback", "init_args": {"every_n_env_steps": every}},
+                {"class_path": "callbacks.GradientAlertCallback"},
+            ],
+        },
+        "model": {"network": {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 16, 16]},
+                  "log_every_n_env_steps": 50, **(model or {})},
+        "data": {"env_id": env_id, "total_env_steps": total, "learning_starts": learning_starts,
+                 "max_episode_steps": episode_steps, "batch_size": 32, "buffer_size": 5000, "eval_episodes": 1,
+                 **(data or {})},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start(config: Path, *args: str, command: list[str] = CLI, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*command, "fit", "--config", "configs/td3.yaml", "--config", str(config), *args],
+                            cwd=REPO, env={**SUBPROCESS_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def fit(config: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    return finish(start(config, *args, **kwargs))
+
+
+def kill_after(process: subprocess.Popen, checkpoint: Path, delay_s: float = 0.05) -> None:
+    """``kill -9`` the run some time after ``checkpoint`` appeared, while it is still training."""
+    while not checkpoint.exists():
+        assert process.poll() is None, f"the run ended before writing {checkpoint}: {finish(process).stderr[-3000:]}"
+        time.sleep(0.02)
+    time.sleep(delay_s)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def checkpoints_of(config: Path) -> Path:
+    return config.parent / "run" / "checkpoints"
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)  # what the issue asks of every checkpoint
+
+
+def assert_same_training_state(straight: dict[str, Any], resumed: dict[str, Any]) -> None:
+    assert resumed["lit_td3"]["counters"] == straight["lit_td3"]["counters"]
+    torch.testing.assert_close(resumed["state_dict"], straight["state_dict"], rtol=1e-6, atol=1e-7)
+    for ours, theirs in zip(resumed["optimizer_states"], straight["optimizer_states"], strict=True):
+        torch.testing.assert_close(ours["state"], theirs["state"], rtol=1e-6, atol=1e-7)  # Adam's moments
+        assert ours["param_groups"] == theirs["param_groups"]
+
+
+def assert_same_buffer(straight: Path, resumed: Path) -> None:
+    a, b = ReplayBuffer.from_file(straight), ReplayBuffer.from_file(resumed)
+    assert len(a) == len(b)
+    everything = torch.arange(len(a))
+    torch.testing.assert_close(tuple(b.get(everything)), tuple(a.get(everything)), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- exact resume
+# Pixels: 36x36 frames (the smallest NatureCNN input) keep the CNN small; no evaluation episodes, to save time.
+SMALL_PIXELS = {"image_size": 36, "batch_size": 16, "eval_episodes": 0}
+
+
+@pytest.mark.parametrize(
+    ("env_id", "episode_steps", "data"),
+    [
+        # state-based, envs stepped in this process, evaluation episodes in between
+        ("Pendulum-v1", 50, {"async_envs": False}),
+        # pixels through a small CNN, envs in worker processes that step while the learner updates
+        ("CarRacing-v3", 25, {"async_envs": True, **SMALL_PIXELS}),
+    ],
+)
+def test_killed_and_resumed_run_equals_a_run_never_stopped(tmp_path: Path, env_id: str, episode_steps: int,
+                                                            data: dict[str, Any]) -> None:
+    half = 2 * episode_steps  # a checkpoint on an episode boundary: the resumed envs replay the same episodes
+    total = 2 * half
+    # Pendulum's largest |reward| is 16.3: a healthy run is the control of the Q-bound alert's test (test_faults)
+    model = {"reward_bound": 16.3} if env_id == "Pendulum-v1" else {}
+    settings = {"env_id": env_id, "total": total, "every": half, "episode_steps": episode_steps,
+                "learning_starts": episode_steps, "data": data, "model": model}
+    straight_config = run_config(tmp_path / "straight", **settings)
+    killed_config = run_config(tmp_path / "killed", **settings)
+    straight = start(straight_config)
+    killed = start(killed_config)
+    kill_after(killed, checkpoints_of(killed_config) / f"env_step={half}.ckpt")
+    assert not (checkpoints_of(killed_config) / f"env_step={total}.ckpt").exists()
+
+    resumed = fit(killed_config, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(env step {half})" in resumed.stderr  # it says where it resumed
+    done = finish(straight)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    final_straight = load(checkpoints_of(straight_config) / "last.ckpt")
+    final_resumed = load(checkpoints_of(killed_config) / "last.ckpt")
+    assert final_resumed["lit_td3"]["counters"]["env_steps"] == total
+    assert_same_training_state(final_straight, final_resumed)
+    assert_same_buffer(checkpoints_of(straight_config) / f"replay_buffer-env_step={total}.pt",
+                       checkpoints_of(killed_config) / f"replay_buffer-env_step={total}.pt")
+    if model:
+        assert final_straight["lit_td3"]["counters"]["q_bound_alerts"] == 0
+    for checkpoint in checkpoints_of(killed_config).glob("*.ckpt"):
+        state = load(checkpoint)["lit_td3"]
+        assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+        assert (checkpoint.parent / state["buffer_files"][0]).is_file()  # the buffer is beside it, not inside
+
+
+def test_resume_mid_episode_ends_the_cut_episode_as_truncated(tmp_path: Path) -> None:
+    # Pixels: the buffer refuses a frame stack that continues an episode the resumed envs no longer have.
+    config = run_config(tmp_path, env_id="CarRacing-v3", total=90, every=45, episode_steps=30, learning_starts=30,
+                        data={"async_envs": False, **SMALL_PIXELS})
+    killed = start(config)
+    kill_after(killed, checkpoints_of(config) / "env_step=45.ckpt")
+    resumed = fit(config, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(env step 45)" in resumed.stderr
+
+    run = load_run(config.parent / "run")
+    cut = run["rollout/cut_by_resume"]
+    assert cut.steps.tolist() == [45] and cut.values.tolist() == [1.0]
+    lengths = dict(zip(run["rollout/episode_length"].steps.tolist(), run["rollout/episode_length"].values.tolist()))
+    assert lengths[45] == 15.0  # steps 30..45 of the second episode, closed where the checkpoint cut it
+    assert lengths[75] == 30.0  # then a full new episode
+    final = load(checkpoints_of(config) / "last.ckpt")["lit_td3"]
+    assert final["counters"]["env_steps"] == 90
+    assert final["counters"]["episodes"] == 3
+    # 45 transitions came back with the saved buffer, 45 were added after the resume
+    assert len(ReplayBuffer.from_file(checkpoints_of(config) / final["buffer_files"][0])) == 90
+
+
+def test_sigterm_saves_the_current_state_and_exits_non_zero(tmp_path: Path) -> None:
+    config = run_config(tmp_path, env_id="Pendulum-v1", total=5000, every=100, episode_steps=50, learning_starts=50,
+                        data={"async_envs": False, "eval_episodes": 0})
+    running = start(config)
+    while not (checkpoints_of(config) / "env_step=100.ckpt").exists():
+        assert running.poll() is None, finish(running).stderr[-3000:]
+        time.sleep(0.02)
+    time.sleep(0.05)
+    running.send_signal(signal.SIGTERM)  # a scheduler's preemption
+    stopped = finish(running)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "SIGTERM received" in stopped.stderr
+    state = load(checkpoints_of(config) / "last.ckpt")["lit_td3"]
+    assert 100 < state["counters"]["env_steps"] < 5000
+    assert state["buffer"]["env_step"] == state["counters"]["env_steps"]  # the buffer was written with it
+    assert (checkpoints_of(config) / state["buffer_files"][0]).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- damaged files
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished Pendulum run with checkpoints (and buffers) at env steps 100 and 200; tests copy it."""
+    config = run_config(tmp_path_factory.mktemp("finished"), env_id="Pendulum-v1", total=200, every=100,
+                        episode_steps=50, learning_starts=50, data={"async_envs": False})
+    done = fit(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config.parent
+
+
+def copy_run(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run whose config points at the copy; returns the copy's config."""
+    folder = tmp_path / "copy"
+    shutil.copytree(finished_run, folder, symlinks=True)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["trainer"]["default_root_dir"] = str(folder / "run")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder / "config.yaml"
+
+
+@pytest.mark.parametrize("written", ["checkpoint", "buffer"])
+def test_a_kill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path: Path, finished_run: Path,
+                                                                       written: str) -> None:
+    config = copy_run(finished_run, tmp_path)
+    target = {"checkpoint": "env_step=300.ckpt", "buffer": "replay_buffer-env_step=300.pt"}[written]
+    killed = fit(config, "--ckpt_path", "last", "--data.total_env_steps", "300",
+                 command=KILL_WHILE_WRITING, env={"KILL_WRITING": target})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    folder = checkpoints_of(config)
+    assert [p.name for p in folder.glob(f".{target}.*.tmp")]  # the kill really came in the middle of that write
+    assert not (folder / target).exists()
+    assert load(folder / "last.ckpt")["lit_td3"]["counters"]["env_steps"] == 200
+
+    resumed = fit(config, "--ckpt_path", "last", "--data.total_env_steps", "300")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(env step 200)" in resumed.stderr
+    assert load(folder / "last.ckpt")["lit_td3"]["counters"]["env_steps"] == 300
+    assert not list(folder.glob(".*.tmp"))  # the half-written file was cleaned up
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_corrupt_last_checkpoint_is_named_and_the_run_falls_back_to_the_previous(tmp_path: Path,
+                                                                                    finished_run: Path) -> None:
+    config = copy_run(finished_run, tmp_path)
+    folder = checkpoints_of(config)
+    truncate(folder / "env_step=200.ckpt")  # last.ckpt links to it
+    resumed = fit(config, "--ckpt_path", "last", "--data.total_env_steps", "300")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "env_step=200.ckpt' is truncated or corrupt" in resumed.stderr
+    assert "env_step=100.ckpt' (env step 100)" in resumed.stderr  # not a fresh start
+    counters = load(folder / "last.ckpt")["lit_td3"]["counters"]
+    assert counters["env_steps"] == 300 and counters["episodes"] == 6
+
+
+def test_damaged_checkpoints_and_buffers_are_refused_by_name(tmp_path: Path, finished_run: Path) -> None:
+    folder = checkpoints_of(copy_run(finished_run, tmp_path))
+    (folder / "env_step=100.ckpt").write_bytes(os.urandom(4096))  # garbage, not just short
+    truncate(folder / "replay_buffer-env_step=200.pt")
+    with pytest.raises(CheckpointError, match=r"env_step=100\.ckpt' is truncated or corrupt"):
+        resolve_checkpoint(str(folder / "env_step=100.ckpt"), folder)  # an explicit path gets no fallback
+    with pytest.raises(CheckpointError, match=r"env_step=200\.ckpt' refers to a replay buffer .*"
+                                              r"replay_buffer-env_step=200\.pt' is truncated or corrupt"):
+        resolve_checkpoint(str(folder / "env_step=200.ckpt"), folder)
+    with pytest.raises(CheckpointError, match="no usable checkpoint .* every one of 3"):
+        resolve_checkpoint("last", folder)  # last, 200 and 100 all damaged: never a silent fresh start
+
+
+def test_disk_full_while_saving_names_the_file_and_keeps_the_previous_checkpoint(tmp_path: Path,
+                                                                                 finished_run: Path) -> None:
+    config = copy_run(finished_run, tmp_path)
+    folder = checkpoints_of(config)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    # No file may grow past the buffer written at env step 200: the one at 300 (50% bigger) cannot be written.
+    limit = (folder / "replay_buffer-env_step=200.pt").stat().st_size + 1024
+    full = fit(config, "--ckpt_path", "last", "--data.total_env_steps", "300", command=WITH_FILE_SIZE_LIMIT,
+               env={"FILE_SIZE_LIMIT": str(limit)})
+    assert full.returncode == 5, full.stderr[-3000:]
+    assert f"could not write replay-buffer file '{folder / 'replay_buffer-env_step=300.pt'}'" in full.stderr
+    assert "File too large" in full.stderr
+    assert not (folder / "env_step=300.ckpt").exists()
+    assert not list(folder.glob(".*.tmp"))  # the partial temp file was removed
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink()}
+    assert after == before  # every earlier checkpoint and buffer byte for byte as it was
+    assert resolve_checkpoint("last", folder) == str(folder / "last.ckpt")
+    assert load(folder / "last.ckpt")["lit_td3"]["counters"]["env_steps"] == 200
+
+
+def test_a_checkpoint_loads_with_new_training_settings(tmp_path: Path, finished_run: Path) -> None:
+    """The original report's rollback plan: clipping off (or other limits), other learning rates or noise."""
+    config = copy_run(finished_run, tmp_path)
+    # An explicit path: Lightning's own CLI would apply the checkpoint's hyperparameters over these.
+    resumed = fit(config, "--ckpt_path", str(checkpoints_of(config) / "env_step=200.ckpt"),
+                  "--data.total_env_steps", "300",
+                  "--model.gradient_clipping.enabled", "false", "--model.actor_mlp_lr", "1e-5",
+                  "--model.critic_mlp_lr", "2e-4", "--model.policy_noise", "0.3", "--data.exploration_noise", "0.2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = load(checkpoints_of(config) / "last.ckpt")
+    assert final["lit_td3"]["counters"]["env_steps"] == 300
+    assert [g["lr"] for g in final["optimizer_states"][0]["param_groups"]] == [1e-5]
+    assert [g["lr"] for g in final["optimizer_states"][1]["param_groups"]] == [2e-4]
+    assert final["hyper_parameters"]["policy_noise"] == 0.3
+    assert final["hyper_parameters"]["gradient_clipping"]["enabled"] is False
+    assert final["datamodule_hyper_parameters"]["exploration_noise"] == 0.2
+    clip = load_run(config.parent / "run")["gradients/critic_clip_fraction"]
+    assert clip.steps.max() <= 200  # clipping telemetry stops where the run continued without clipping
