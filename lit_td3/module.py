@@ -179,9 +179,11 @@ class TD3Module(pl.LightningModule):
         # Targets: copies that only ever move by Polyak averaging; in no optimizer, never given gradients.
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._actor_fn, self._critic_fn = self.actor, self.critic
         if self.hparams.compile:
-            self._actor_fn, self._critic_fn = torch.compile(self.actor), torch.compile(self.critic)
+            # In place (nn.Module.compile): the same modules, parameters and gradients, so telemetry and clipping
+            # see exactly what they see in eager mode, and the state dict keeps its keys.
+            self.actor.compile()
+            self.critic.compile()
 
     def setup(self, stage: str) -> None:
         if not hasattr(self, "actor"):
@@ -238,7 +240,7 @@ class TD3Module(pl.LightningModule):
             next_action = smoothed_target_action(self.actor_target(batch.next_obs), noise, hp.noise_clip)
             next_q1, next_q2 = self.critic_target(batch.next_obs, next_action)
             target = td_target(batch.reward, batch.terminated, next_q1, next_q2, hp.gamma)
-        q1, q2 = self._critic_fn(batch.obs, batch.action)
+        q1, q2 = self.critic(batch.obs, batch.action)
         loss_q, q_info = critic_loss(q1, q2, target)
         self._optimize(critic_opt, loss_q)
         self.counters.critic_updates += 1
@@ -247,7 +249,7 @@ class TD3Module(pl.LightningModule):
         # Delayed policy update, counted in critic updates (global_step counts both optimizers' steps).
         if self.counters.critic_updates % hp.policy_freq == 0:
             with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
-                q1_of_policy, _ = self._critic_fn(batch.obs, self._actor_fn(batch.obs))  # Q1 only, as in the paper
+                q1_of_policy, _ = self.critic(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
                 loss_pi = actor_loss(q1_of_policy)
                 self._optimize(actor_opt, loss_pi)
             self.counters.actor_updates += 1
