@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line  # noqa: E402
+from common import machine_line
 
-from lit_td3.report import load_run  # noqa: E402
+from lit_td3.report import load_run
 
 
 def run(devices: int, args: argparse.Namespace, root: Path) -> float:

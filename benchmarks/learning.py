@@ -25,7 +25,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lit_td3.report import load_run  # noqa: E402
+from lit_td3.report import load_run
 
 
 def rl_zoo_config(root: Path, seed: int, clipping: bool, total: int) -> dict:

@@ -19,7 +19,6 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lit_td3.config import check
 from lit_td3.scalars import log_scalars
 
-
 NETWORKS = ("actor", "critic")
 
 

@@ -153,11 +153,10 @@ class EnvStepCheckpoint(ModelCheckpoint):
         base = f"{BUFFER_PREFIX}{steps}"
         path = Path(self.dirpath) / shard_name(base, trainer.global_rank, trainer.world_size)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            buffer.save(path)
-        except OSError as err:
-            raise CheckpointWriteError(f"could not write replay-buffer file {str(path)!r}: {err}; the previous "
-                                       "checkpoint and its buffer are intact") from err
+            buffer.save(path)  # atomic; a failed write names the file and leaves earlier files intact
+        except CheckpointWriteError as err:
+            raise CheckpointWriteError(f"replay buffer: {err}; the previous checkpoint and its buffer are intact") \
+                from err
         self._buffer_history.append(base)
         self._buffer_written_at, self._buffer_transitions = steps, len(buffer)
 

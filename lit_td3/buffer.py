@@ -18,9 +18,7 @@ that were overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence
@@ -30,6 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import psutil
 import torch
+
+from lit_td3.checkpoints import atomic_write
 
 IMAGE = "image"
 VECTOR = "vector"
@@ -530,20 +530,8 @@ class ReplayBuffer:
 
         A crash or error mid-write leaves any previous file at ``path`` as it was.
         """
-        path = Path(path)
         state = self.state_dict()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save(state, f))
 
     def load(self, path: str | os.PathLike) -> None:
         """Loads a file written by ``save`` into this buffer, which must have the same configuration.
@@ -709,13 +697,3 @@ def _read_state(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError...: all mean "unreadable"
         raise ValueError(f"replay buffer file {str(path)!r} is truncated or corrupt: {exc}") from exc
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; some filesystems do not allow opening a folder, which is then best effort.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

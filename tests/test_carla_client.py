@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_td3.envs.carla import CarlaLaneKeepingEnv, ServerNotRunningError, SimulatorUnavailableError
+from lit_td3.envs.carla import (
+    CarlaLaneKeepingEnv,
+    ServerNotRunningError,
+    SimulatorUnavailableError,
+)
 from lit_td3.envs.carla.server import free_port
 
 REPO = Path(__file__).resolve().parents[1]

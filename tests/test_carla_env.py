@@ -37,7 +37,12 @@ from lit_td3.envs.carla import (
 from lit_td3.envs.carla.config import WEATHER_PRESETS, RouteConfig
 from lit_td3.envs.carla.reward import StepFacts, reward_terms, unweighted_terms
 from lit_td3.envs.carla.route import Route, RouteTracker
-from lit_td3.envs.carla.sensors import FrameMatcher, SensorTimeoutError, bgra_to_rgb, to_gray_frame
+from lit_td3.envs.carla.sensors import (
+    FrameMatcher,
+    SensorTimeoutError,
+    bgra_to_rgb,
+    to_gray_frame,
+)
 from lit_td3.envs.carla.server import free_port, port_accepts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -47,6 +47,7 @@ def small_run_config(tmp_path: Path, *, every: int, env_id: str, total: int, lea
     }
     for section, values in (extra or {}).items():
         config[section].update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "small.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -54,12 +55,16 @@ def small_run_config(tmp_path: Path, *, every: int, env_id: str, total: int, lea
 
 def lit_td3(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "lit_td3", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lit_td3", *args], check=False, cwd=REPO, env=env,
+                          capture_output=True,
                           text=True, timeout=timeout)
 
 
 def event_images(run_dir: Path, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import (
+        IMAGES,
+        EventAccumulator,
+    )
 
     accumulator = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0}).Reload()
     return accumulator.Images(tag) if tag in accumulator.Tags()["images"] else []

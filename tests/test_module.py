@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 
 from lit_td3.config import ConfigError
-from lit_td3.losses import actor_loss, critic_loss
+from lit_td3.losses import critic_loss
 from lit_td3.module import GradientClipping, TD3Module
 from tests.conftest import SMALL_IMAGE, fit_on_random_batches, make_module, random_batch
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
-import lit_td3.report as report
+
+from lit_td3 import report
 from tests.test_cli import lit_td3, small_run_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bash_blocks(text: str) -> list[str]:
-    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)]
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:

@@ -15,6 +15,12 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
+from lit_td3 import report
+from lit_td3.report import criteria as criteria_module
+from lit_td3.report import plots as plots_module
+from lit_td3.report.markdown import number
 from tests.report_fixtures import (
     EPISODE_STEPS,
     TRAIN_STEPS,
@@ -24,12 +30,6 @@ from tests.report_fixtures import (
     with_values,
     write_run,
 )
-from torch.utils.tensorboard import SummaryWriter
-
-import lit_td3.report as report
-from lit_td3.report import criteria as criteria_module
-from lit_td3.report import plots as plots_module
-from lit_td3.report.markdown import number
 
 REPO = Path(__file__).resolve().parents[1]
 N = len(TRAIN_STEPS)

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from lit_td3.report.__main__ import main
 from tests.report_fixtures import (
     TRAIN_STEPS,
     exploding_scalars,
@@ -28,9 +31,6 @@ from tests.report_fixtures import (
     with_values,
     write_run,
 )
-from torch.utils.tensorboard import SummaryWriter
-
-from lit_td3.report.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 CRITERIA = REPO / "configs" / "criteria" / "go_no_go.yaml"

@@ -22,6 +22,7 @@ import yaml
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.checkpoints import CheckpointError, resolve_checkpoint
 from lit_td3.report import load_run
+from tests.test_cli import small_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -64,27 +65,9 @@ main()
 
 def run_config(folder: Path, *, env_id: str, total: int, every: int, episode_steps: int, learning_starts: int,
                data: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> Path:
-    """A config layered on configs/td3.yaml: tiny networks, a short run, checkpoints every ``every`` env steps."""
-    config = {
-        "trainer": {
-            "default_root_dir": str(folder / "run"),
-            "enable_progress_bar": False,
-            "callbacks": [
-                {"class_path": "callbacks.EnvStepCheckpoint", "init_args": {"every_n_env_steps": every}},
-                {"class_path": "callbacks.EvaluationCallback", "init_args": {"every_n_env_steps": every}},
-                {"class_path": "callbacks.GradientAlertCallback"},
-            ],
-        },
-        "model": {"network": {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 16, 16]},
-                  "log_every_n_env_steps": 50, **(model or {})},
-        "data": {"env_id": env_id, "total_env_steps": total, "learning_starts": learning_starts,
-                 "max_episode_steps": episode_steps, "batch_size": 32, "buffer_size": 5000, "eval_episodes": 1,
-                 **(data or {})},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    """tests/test_cli.py's small run (tiny networks, checkpoints every ``every`` env steps) in ``folder``."""
+    return small_run_config(folder, every=every, env_id=env_id, total=total, learning_starts=learning_starts,
+                            episode_steps=episode_steps, extra={"data": data or {}, "model": model or {}})
 
 
 def start(config: Path, *args: str, command: list[str] = CLI, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -240,10 +223,10 @@ def copy_run(finished_run: Path, tmp_path: Path) -> Path:
     """A copy of the finished run whose config points at the copy; returns the copy's config."""
     folder = tmp_path / "copy"
     shutil.copytree(finished_run, folder, symlinks=True)
-    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config = yaml.safe_load((folder / "small.yaml").read_text())
     config["trainer"]["default_root_dir"] = str(folder / "run")
-    (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    return folder / "config.yaml"
+    (folder / "small.yaml").write_text(yaml.safe_dump(config))
+    return folder / "small.yaml"
 
 
 @pytest.mark.parametrize("written", ["checkpoint", "buffer"])
@@ -307,7 +290,7 @@ def test_disk_full_while_saving_names_the_file_and_keeps_the_previous_checkpoint
     full = fit(config, "--ckpt_path", "last", "--data.total_env_steps", "300", command=WITH_FILE_SIZE_LIMIT,
                env={"FILE_SIZE_LIMIT": str(limit)})
     assert full.returncode == 5, full.stderr[-3000:]
-    assert f"could not write replay-buffer file '{folder / 'replay_buffer-env_step=300.pt'}'" in full.stderr
+    assert f"replay buffer: could not write '{folder / 'replay_buffer-env_step=300.pt'}'" in full.stderr
     assert "File too large" in full.stderr
     assert not (folder / "env_step=300.ckpt").exists()
     assert not list(folder.glob(".*.tmp"))  # the partial temp file was removed

@@ -5,7 +5,11 @@ Importing this package never imports the ``carla`` client; the env does that on 
 
 from lit_td3.envs.carla.env import CarlaLaneKeepingEnv
 from lit_td3.envs.carla.sensors import SensorTimeoutError
-from lit_td3.envs.carla.server import ServerNotRunningError, SimulatorUnavailableError, TrafficManagerPortError
+from lit_td3.envs.carla.server import (
+    ServerNotRunningError,
+    SimulatorUnavailableError,
+    TrafficManagerPortError,
+)
 from lit_td3.envs.carla.world import ScenarioError
 
 __all__ = [
