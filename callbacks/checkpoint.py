@@ -24,15 +24,9 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lit_td3.checkpoints import (
-    STATE_KEY,
-    AtomicCheckpointIO,
-    CheckpointError,
-    CheckpointWriteError,
-    atomic_symlink,
-    remove_stale_temp_files,
-)
+from lit_td3.checkpoints import STATE_KEY, AtomicCheckpointIO, CheckpointError
 from lit_td3.config import check
+from lit_td3.files import CheckpointWriteError, atomic_symlink, remove_stale_temp_files
 from lit_td3.module import NonFiniteTrainingError
 
 BUFFER_PREFIX = "replay_buffer-env_step="

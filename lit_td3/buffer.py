@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 import torch
 
-from lit_td3.checkpoints import atomic_write
+from lit_td3.files import atomic_write
 
 IMAGE = "image"
 VECTOR = "vector"

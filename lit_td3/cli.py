@@ -19,15 +19,11 @@ import yaml
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from lit_td3.checkpoints import (
-    CheckpointError,
-    CheckpointWriteError,
-    checkpoint_dir,
-    resolve_checkpoint,
-)
+from lit_td3.checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
 from lit_td3.config import ConfigError
 from lit_td3.data import RolloutDataModule
 from lit_td3.envs.carla.server import SimulatorUnavailableError
+from lit_td3.files import CheckpointWriteError
 from lit_td3.module import NonFiniteTrainingError, TD3Module
 
 DEFAULT_ROOT_DIR = "runs/td3"

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import lit_td3.buffer as buffer_module
 from lit_td3.buffer import ReplayBuffer, Transition
-from lit_td3.checkpoints import CheckpointWriteError
+from lit_td3.files import CheckpointWriteError
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FRAME_HW = (3, 2)
