@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lit_td3.checkpoints import STATE_KEY, AtomicCheckpointIO, CheckpointError
 from lit_td3.config import check
+from lit_td3.distributed import gather_from_ranks
 from lit_td3.files import CheckpointWriteError, atomic_symlink, remove_stale_temp_files
 from lit_td3.module import NonFiniteTrainingError
 
@@ -169,8 +170,9 @@ class EnvStepCheckpoint(ModelCheckpoint):
         checkpoint.setdefault(STATE_KEY, {}).update({
             "buffer_files": [shard_name(self._buffer_history[-1], rank, trainer.world_size)
                              for rank in range(trainer.world_size)],
-            # Where the buffer's stream stood when it was written: its env step and (rank 0's) transition count.
-            "buffer": {"env_step": self._buffer_written_at, "transitions": self._buffer_transitions},
+            # Where the stream stood when the shards were written: the env step, and each shard's transition count.
+            "buffer": {"env_step": self._buffer_written_at,
+                       "transitions": gather_from_ranks(trainer, self._buffer_transitions)},
         })
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -190,18 +192,19 @@ class EnvStepCheckpoint(ModelCheckpoint):
             buffer.load(path)
         except (ValueError, FileNotFoundError) as err:
             raise CheckpointError(f"checkpoint {str(trainer.ckpt_path)!r}: {err}") from None
-        written = state.get("buffer", {"env_step": pl_module.counters.env_steps, "transitions": len(buffer)})
-        if trainer.world_size == 1 and len(buffer) != written["transitions"]:
+        written = state["buffer"]
+        expected = written["transitions"][trainer.global_rank]
+        if len(buffer) != expected:
             raise CheckpointError(f"replay-buffer file {str(path)!r} holds {len(buffer)} transitions, but checkpoint "
-                                  f"{str(trainer.ckpt_path)!r} refers to one of {written['transitions']}: it was "
-                                  "replaced by another run's")
+                                  f"{str(trainer.ckpt_path)!r} refers to one of {expected}: it was replaced by "
+                                  "another run's")
         if written["env_step"] < pl_module.counters.env_steps:
             warnings.warn(f"the replay buffer of {str(trainer.ckpt_path)!r} was written at env step "
                           f"{written['env_step']}, the checkpoint at {pl_module.counters.env_steps}: the transitions in "
                           "between are not in the resumed buffer (EnvStepCheckpoint.buffer_every_n_env_steps)",
                           stacklevel=2)
         self._buffer_history = [names[0].removesuffix(shard_name("", 0, trainer.world_size))]
-        self._buffer_written_at, self._buffer_transitions = written["env_step"], written["transitions"]
+        self._buffer_written_at, self._buffer_transitions = written["env_step"], expected
 
 
 def shard_name(base: str, rank: int, world_size: int) -> str:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.config import ConfigError, check
+from lit_td3.distributed import gather_from_ranks
 from lit_td3.envs import DISCARD_KEY, check_env_id, make_env
 from lit_td3.envs.wrappers import NONFINITE_FIELDS_KEY, NONFINITE_KEY
 from lit_td3.scalars import log_scalars
@@ -87,6 +88,7 @@ class RolloutStream(IterableDataset):
         # envs, never reset them (LIGHTNING_NOTES 4).
         dm, counters = self.dm, self.agent.counters
         envs = dm.training_envs()
+        dm.timings.start(counters.env_steps, counters.critic_updates)
         while counters.env_steps < dm.total_env_steps:
             actions = dm.next_actions(self.agent)
             t0 = time.perf_counter()
@@ -101,6 +103,8 @@ class RolloutStream(IterableDataset):
                 step = envs.step(actions)
             dm.timings.add("env_ms", time.perf_counter() - t0)
             dm.record(actions, *step, agent=self.agent)
+        if counters.env_steps > dm.timings.env_steps:
+            dm.log_rollout_stats(counters)  # the episodes that ended since the last log point
         # The run is over at data.total_env_steps, whichever epoch this is (a resumed run starts a new one).
         self.agent.trainer.should_stop = True
 
@@ -130,10 +134,14 @@ class Timings:
     """Mean wall-clock time per stage since the last log point, and the rates; flushed as ``perf/*`` scalars."""
 
     def __init__(self) -> None:
+        self.start(0, 0)
+
+    def start(self, env_steps: int, updates: int) -> None:
+        """Starts the clock at the run's current totals (a resumed run's rates count from its first step)."""
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.since = time.perf_counter()
-        self.env_steps = self.updates = 0
+        self.env_steps, self.updates = env_steps, updates
 
     def add(self, key: str, seconds: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + seconds
@@ -233,6 +241,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self._episodes_per_env = [0] * num_envs
         self._resumed = False
         self.last_episode: EpisodeResult | None = None
+        self._unlogged: list[tuple[int, dict[str, float]]] = []  # (env step, rollout/*) of episodes ended since
         # Resume state (see state_dict): the actions chosen for the coming env step, not yet applied to the envs;
         # sample requests yielded but not yet turned into batches; seconds spent sampling (for perf/update_ms).
         self.pending_actions: np.ndarray | None = None
@@ -267,6 +276,7 @@ class RolloutDataModule(pl.LightningDataModule):
         if not self.observation_shapes:
             self.probe_spaces()
         if stage == "fit" and self.buffer is None:
+            self.rng = np.random.default_rng((self.seed, self.rank))  # each rank explores with noise of its own
             self.buffer = ReplayBuffer(
                 capacity=self.buffer_size, observation_shapes=self.observation_shapes, action_dim=self.action_dim,
                 num_envs=self.num_envs, device=self.buffer_device, seed=self.seed + self.rank,
@@ -408,13 +418,36 @@ class RolloutDataModule(pl.LightningDataModule):
         metrics = {"rollout/episode_return": result.episode_return, "rollout/episode_length": float(result.length)}
         metrics.update({f"rollout/{k}": v for k, v in result.info.items()})
         self.last_episode = result
-        log_scalars(self.trainer, metrics, counters.env_steps)
+        self._unlogged.append((counters.env_steps, metrics))
 
     def _log_progress(self, counters: Any, every: int) -> None:
-        if counters.env_steps // every == (counters.env_steps - self.num_envs) // every:
-            return
-        metrics = self.timings.flush(counters.env_steps, counters.critic_updates)
-        metrics["rollout/buffer_size"] = float(len(self.buffer))
+        if counters.env_steps // every != (counters.env_steps - self.num_envs * self.world_size) // every:
+            self.log_rollout_stats(counters)
+
+    def log_rollout_stats(self, counters: Any) -> None:
+        """Logs the episodes of every rank that ended since the last log point, each at its own env step, and the
+        stream's ``perf/*`` and buffer fill. A collective in a distributed run: all ranks reach it at the same env step.
+
+        ``perf/env_steps_per_s`` counts the global env steps (the sum over ranks); stage times are the ranks' mean;
+        ``rollout/buffer_size`` is the sum of the shards.
+        """
+        perf = self.timings.flush(counters.env_steps, counters.critic_updates)
+        ranks = gather_from_ranks(self.trainer, {"episodes": self._unlogged, "perf": perf, "buffer": len(self.buffer)})
+        self._unlogged = []
+        # A scalar tag holds one value per step (TensorBoard and the report keep the last): the episodes that ended
+        # at the same env step, in several envs or ranks, are logged as their mean and counted.
+        by_step: dict[int, list[dict[str, float]]] = {}
+        for step, episode in (e for r in ranks for e in r["episodes"]):
+            by_step.setdefault(step, []).append(episode)
+        for step in sorted(by_step):
+            episodes = by_step[step]
+            keys = dict.fromkeys(k for e in episodes for k in e)
+            metrics = {k: float(np.mean([e[k] for e in episodes if k in e])) for k in keys}
+            metrics["rollout/episodes_ended"] = float(len(episodes))
+            log_scalars(self.trainer, metrics, step)
+        metrics = {k: float(np.mean([r["perf"].get(k, np.nan) for r in ranks])) for k in perf}
+        metrics["perf/env_steps_per_s"] = perf["perf/env_steps_per_s"]
+        metrics["rollout/buffer_size"] = float(sum(r["buffer"] for r in ranks))
         log_scalars(self.trainer, metrics, counters.env_steps)
 
     # ----------------------------------------------------------------------------------------------- evaluation
@@ -455,16 +488,16 @@ class RolloutDataModule(pl.LightningDataModule):
         issues them again. The buffer itself is written beside the checkpoint by ``callbacks.EnvStepCheckpoint``.
         """
         pending = None if self.pending_actions is None else torch.from_numpy(self.pending_actions.copy())
-        return {
+        mine = {
             "rng": self.rng.bit_generator.state,
             "update_credit": self.update_credit + self.requests_out,
             "pending_actions": pending,
             "episodes_per_env": list(self._episodes_per_env),
             "episode_returns": self._episode_returns.tolist(),
             "episode_lengths": self._episode_lengths.tolist(),
-            "rank": self.rank,
-            "world_size": self.world_size,
         }
+        # Every rank's stream, in rank order: a resumed rank continues its own envs' seeds and noise.
+        return {"ranks": gather_from_ranks(self.trainer, mine), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size:
@@ -473,6 +506,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 "each rank's replay-buffer shard and env seeds belong to its rank; resume with the same "
                 "--trainer.devices/--trainer.num_nodes"
             )
+        state = state["ranks"][self.rank]
         self.rng.bit_generator.state = state["rng"]
         self.update_credit = state["update_credit"]
         self._episodes_per_env = list(state["episodes_per_env"])

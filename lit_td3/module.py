@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lit_td3.buffer import Transition
 from lit_td3.config import ConfigError, check
+from lit_td3.distributed import gather_from_ranks
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
 from lit_td3.networks import Actor, NetworkConfig, TwinCritic, split_parameters
 from lit_td3.scalars import WindowMeans, log_scalars
@@ -387,15 +388,20 @@ class TD3Module(pl.LightningModule):
                 f"refusing to write a checkpoint at env step {self.counters.env_steps}: non-finite values in "
                 f"{bad[:5]}; the previous checkpoint holds the last finite state"
             )
-        checkpoint.setdefault("lit_td3", {}).update({
+        mine = {
             "counters": asdict(self.counters),
-            "logged_at": self._logged_at,
             "rng": {
                 "python": random.getstate(),
                 "numpy": _numpy_rng_state(),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
+        }
+        ranks = gather_from_ranks(self._trainer, mine)
+        checkpoint.setdefault("lit_td3", {}).update({
+            "counters": mine["counters"],  # rank 0's: env steps and updates are global, episodes and faults its own
+            "logged_at": self._logged_at,
+            "ranks": ranks,  # each rank's own counters and RNG states, in rank order
         })
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -414,9 +420,10 @@ class TD3Module(pl.LightningModule):
                 "and network sizes; training settings (learning rates, clipping, noise) may differ"
             )
         state = checkpoint["lit_td3"]
-        self.counters = RunCounters.from_state(state["counters"])
         self._logged_at = state["logged_at"]
-        rng = state["rng"]
+        rank = min(self.trainer.global_rank, len(state["ranks"]) - 1)  # another world size: the data module refuses
+        self.counters = RunCounters.from_state(state["ranks"][rank]["counters"])
+        rng = state["ranks"][rank]["rng"]
         random.setstate(rng["python"])
         if "numpy" in rng:
             _set_numpy_rng_state(rng["numpy"])

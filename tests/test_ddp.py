@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, small_run_config
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -38,6 +39,20 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) 
     assert counters_of(run / "checkpoints" / "last.ckpt")["env_steps"] == 400
     assert {"replay_buffer-env_step=400-rank0.pt", "replay_buffer-env_step=400-rank1.pt"} <= {
         p.name for p in (run / "checkpoints").glob("replay_buffer-*")}  # one shard per rank
+    # rank 0 logs every rank's episodes: 50-step episodes end at global env steps 100..400 on both ranks
+    logged = load_run(run)
+    assert logged["rollout/episode_return"].steps.tolist() == [100, 200, 300, 400]
+    assert logged["rollout/episodes_ended"].values.tolist() == [2.0, 2.0, 2.0, 2.0]  # one per rank at each step
+    # each rank's episode returns are the sums of its shard's rewards, 50 at a time; the logged value is their mean
+    per_rank = [r["rewards"].reshape(4, 50).sum(dim=1).double() for r in ranks]
+    assert not torch.allclose(per_rank[0], per_rank[1])  # two different episodes at each step
+    torch.testing.assert_close(torch.from_numpy(logged["rollout/episode_return"].values),
+                               (per_rank[0] + per_rank[1]) / 2, rtol=1e-5, atol=1e-3)
+    # the checkpoint holds each rank's own stream: its exploration RNG and open episodes
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    streams = saved["RolloutDataModule"]["ranks"]
+    assert len(streams) == 2 and streams[0]["rng"] != streams[1]["rng"]
+    assert [len(r["counters"]) > 0 for r in saved["lit_td3"]["ranks"]] == [True, True]
 
     second = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *DDP,
                      "--data.total_env_steps", "600", "--ckpt_path", "last", timeout=600)
@@ -45,6 +60,7 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) 
     ranks = [torch.load(run / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["env_steps"] for r in ranks] == [600, 600]
     assert [r["buffer_len"] for r in ranks] == [300, 300]  # each rank restored its own shard and added 100
+    assert [r["resumed_rng"] for r in ranks] == [s["rng"] for s in streams]  # each rank resumed its own stream
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(value, ranks[1]["params"][name])
 

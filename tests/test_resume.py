@@ -163,7 +163,7 @@ def test_killed_and_resumed_run_equals_a_run_never_stopped(tmp_path: Path, env_i
         assert final_straight["lit_td3"]["counters"]["q_bound_alerts"] == 0
     for checkpoint in checkpoints_of(killed_config).glob("*.ckpt"):
         state = load(checkpoint)["lit_td3"]
-        assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+        assert set(state["ranks"][0]["rng"]) == {"python", "numpy", "torch", "cuda"}
         assert (checkpoint.parent / state["buffer_files"][0]).is_file()  # the buffer is beside it, not inside
 
 
