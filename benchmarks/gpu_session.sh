@@ -3,7 +3,9 @@
 # (Python 3.12 with torch and pytorch-lightning preinstalled; the other packages carried as wheels in .whl/).
 #   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time (one GPU)
 #   bash benchmarks/gpu_session.sh sb3 OUTDIR     # lit_td3 vs SB3, side by side (one GPU)
+#   bash benchmarks/gpu_session.sh sb3fast OUTDIR # the same, lit_td3 with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
+#   bash benchmarks/gpu_session.sh scalingfast OUTDIR # the same with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
 #   bash benchmarks/gpu_session.sh ddp OUTDIR     # 1 vs 2 GPUs through DDP (a machine with 2 GPUs)
 set -uo pipefail
@@ -17,14 +19,22 @@ run() { local name=$1; shift; echo "== $name: $*"; ( time "$@" ) > "$out/$name.t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 case $part in
   part1)
-    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_clipping.py tests/test_buffer.py -k "gpu or cuda or GradScaler"
+    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_clipping.py tests/test_buffer.py -k "gpu or cuda or GradScaler or graph or sync"
     run update_time python3 benchmarks/update_time.py --device cuda --paths pixel,state
     ;;
   sb3)
     run compare_sb3 python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 --warmup-steps 100
     ;;
+  sb3fast)
+    run compare_sb3_fast python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 \
+      --warmup-steps 100 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
+    ;;
   scaling)
     run env_scaling python3 benchmarks/env_scaling.py --device cuda --num-envs 1,8
+    ;;
+  scalingfast)
+    run env_scaling_graphs python3 benchmarks/env_scaling.py --device cuda --num-envs 1,8 --repeats 2 --steps 2000 \
+      --env-only-steps 100 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
     ;;
   ab)
     ab=runs/ab

@@ -14,9 +14,12 @@ Variants (networks and hyperparameters from configs/td3.yaml):
 - bare: ``on_before_optimizer_step`` does nothing (no clipping, telemetry or guard) and no alerts callback;
   the cost of clipping + telemetry is as-trained minus bare;
 - ``model.compile: true`` (as trained otherwise);
+- ``model.cuda_graphs: true`` (CUDA only), as trained and bare: the cost of clipping + telemetry when the update is
+  replayed as CUDA graphs;
 - reference: the same networks, losses and optimizers in a plain PyTorch loop, without Lightning or telemetry.
 
-On CUDA it also counts the host-device synchronizations one as-trained batch makes, and where they come from.
+On CUDA it also counts the host-device synchronizations one as-trained batch makes (eager and graphed), and where
+they come from.
 
     python benchmarks/update_time.py --device cuda
     python benchmarks/update_time.py --device cpu --iterations 20 --repeats 2 --variants trained,bare
@@ -70,6 +73,8 @@ VARIANTS = {
     "telemetry": "telemetry only (gradient_clipping.enabled: false)",
     "bare": "bare: no clipping, no telemetry, no guard, no alerts",
     "compile": "model.compile: true, as trained otherwise",
+    "graphs": "model.cuda_graphs: true, as trained otherwise",
+    "graphs_bare": "model.cuda_graphs: true, bare",
     "plain": "reference: plain PyTorch loop, same networks/losses/optimizers, no Lightning",
 }
 
@@ -99,14 +104,16 @@ def build(variant: str, path: str) -> TD3Module:
         kwargs["gradient_clipping"] = GradientClipping(**{**vars(kwargs["gradient_clipping"]), "enabled": False})
     if variant == "compile":
         kwargs["compile"] = True
-    cls = BareTD3Module if variant == "bare" else TD3Module
+    if variant.startswith("graphs"):
+        kwargs["cuda_graphs"] = True
+    cls = BareTD3Module if variant.endswith("bare") else TD3Module
     return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- timing
 def lightning_round(module: TD3Module, variant: str, batches: list[Transition], device: str, iterations: int,
                     warmup: int, precision: Any) -> list[float]:
-    callbacks = [] if variant == "bare" else timed_callback_instances()
+    callbacks = [] if variant.endswith("bare") else timed_callback_instances()
     policy_freq = module.hparams.policy_freq
     timer = time_updates(module, lambda i: batches[i % len(batches)], device=device,
                          iterations=iterations * policy_freq, warmup=warmup * policy_freq, callbacks=callbacks,
@@ -212,8 +219,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--paths", default="pixel", help="comma-separated: pixel (4x84x84, NatureCNN), state "
                         "(Pendulum-v1 vector, 400-300 MLPs)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of "
-                        f"{','.join(VARIANTS)}")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; on the "
+                        "CPU all but the graphs ones)")
     parser.add_argument("--iterations", type=int, default=200, help="timed updates per variant and round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed updates per variant and round "
                         "(the compile variant compiles in its first round's warm-up)")
@@ -223,7 +230,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 10 timed updates, 3 warm-up, 2 rounds")
     args = parser.parse_args()
     args.paths = _subset(parser, "--paths", args.paths, PATHS)
-    args.variants = _subset(parser, "--variants", args.variants, VARIANTS)
+    cpu_variants = [v for v in VARIANTS if not v.startswith("graphs")]
+    args.variants = _subset(parser, "--variants", args.variants or ",".join(
+        VARIANTS if args.device == "cuda" else cpu_variants), VARIANTS)
+    if args.device == "cpu" and set(args.variants) - set(cpu_variants):
+        parser.error(f"--variants {','.join(args.variants)}: the graphs variants need --device cuda")
     if args.quick:
         args.iterations, args.warmup, args.repeats = 10, 3, 2
     for name in ("iterations", "repeats", "batch_size", "threads"):
@@ -243,7 +254,7 @@ def _subset(parser: argparse.ArgumentParser, flag: str, value: str, known: dict[
     return items
 
 
-def measure_path(path: str, args: argparse.Namespace, precision: Any) -> tuple[str, dict[str, list[float]]]:
+def measure_path(path: str, args: argparse.Namespace, precision: Any) -> tuple[list[str], dict[str, list[float]]]:
     torch.manual_seed(0)
     shapes, action_dim = PATHS[path]
     batches = random_batches(shapes, action_dim, args.batch_size, args.device)
@@ -258,31 +269,32 @@ def measure_path(path: str, args: argparse.Namespace, precision: Any) -> tuple[s
             else:
                 times[variant] += lightning_round(modules[variant], variant, batches, args.device, args.iterations,
                                                   args.warmup, precision)
-    syncs = ""
-    if args.device == "cuda" and "trained" in args.variants:
-        per_batch, sources = count_syncs(modules["trained"], batches, args.warmup, 20, precision)
-        syncs = (f"Host-device synchronizations per as-trained batch (CUDA sync debug mode, 20 batches): "
-                 f"{per_batch:.2f}" + (f"; from {', '.join(sources)}" if sources else ""))
+    syncs = []
+    for variant in ("trained", "graphs"):
+        if args.device == "cuda" and variant in args.variants:
+            per_batch, sources = count_syncs(modules[variant], batches, args.warmup, 20, precision)
+            syncs.append(f"Host-device synchronizations per batch, {VARIANTS[variant]} (CUDA sync debug mode, 20 "
+                         f"batches): {per_batch:.2f}" + (f"; from {', '.join(sources)}" if sources else ""))
     del modules, plain
     collect()
     return syncs, times
 
 
-def report(path: str, times: dict[str, list[float]], args: argparse.Namespace, syncs: str) -> str:
+def report(path: str, times: dict[str, list[float]], args: argparse.Namespace, syncs: list[str]) -> str:
     summaries = {v: Summary.of(t) for v, t in times.items()}
     rows = [[VARIANTS[v], s.text(2 if s.median < 100 else 1), s.count] for v, s in summaries.items()]
     lines = [f"### {path}: one TD3 update (critic + ½ actor), batch {args.batch_size}, {args.device}", "",
              markdown_table(["variant", "ms per update, median (min–max)", "updates timed"], rows), ""]
-    if "trained" in summaries and "bare" in summaries:
-        trained, bare = summaries["trained"].median, summaries["bare"].median
-        lines.append(f"Clipping + telemetry (as trained − bare): {trained - bare:+.3f} ms per update, "
-                     f"{100 * (trained - bare) / trained:+.1f}% of the as-trained update (issue target: ≤ 2%).")
+    for trained_name, bare_name, how in [("trained", "bare", "eager"), ("graphs", "graphs_bare", "CUDA graphs")]:
+        if trained_name in summaries and bare_name in summaries:
+            trained, bare = summaries[trained_name].median, summaries[bare_name].median
+            lines.append(f"Clipping + telemetry, {how} (as trained − bare): {trained - bare:+.3f} ms per update, "
+                         f"{100 * (trained - bare) / trained:+.1f}% of the as-trained update (issue target: ≤ 2%).")
     if "trained" in summaries and "plain" in summaries:
         trained, plain = summaries["trained"].median, summaries["plain"].median
         lines.append(f"Lightning + clipping + telemetry over the plain loop: {trained - plain:+.3f} ms per update "
                      f"({100 * (trained - plain) / trained:+.1f}% of the as-trained update).")
-    if syncs:
-        lines.append(syncs + ".")
+    lines += [line + "." for line in syncs]
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,8 @@ import copy
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -26,6 +27,8 @@ from torch import Tensor
 from lit_td3.buffer import Transition
 from lit_td3.config import ConfigError, check
 from lit_td3.distributed import gather_from_ranks
+from lit_td3.events import DeviceEvents, read_events
+from lit_td3.graphs import FULL_PRECISIONS, GraphedStep, check_cuda_graphs
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
 from lit_td3.networks import Actor, NetworkConfig, TwinCritic, split_parameters
 from lit_td3.scalars import WindowMeans, log_scalars
@@ -80,6 +83,13 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive non-finite updates of one network: the run stops, its checkpoint holds finite weights."""
 
 
+class StepOutput(NamedTuple):
+    """What one optimizer step leaves for logging: metrics (window means) and pre-clip norms (gradient alerts)."""
+
+    metrics: dict[str, Tensor]
+    gradient_norms: dict[str, Tensor]
+
+
 @dataclass
 class _Optimized:
     """What the telemetry needs to know about one optimizer."""
@@ -108,6 +118,7 @@ class TD3Module(pl.LightningModule):
         log_every_n_env_steps: int = 1000,
         max_consecutive_nonfinite: int = 10,
         compile: bool = False,
+        cuda_graphs: bool = False,
         observation_shapes: dict[str, list[int]] | None = None,
         action_dim: int | None = None,
         reward_bound: float | None = None,
@@ -129,6 +140,9 @@ class TD3Module(pl.LightningModule):
             log_every_n_env_steps: Env steps between log points; between them nothing leaves the GPU.
             max_consecutive_nonfinite: Consecutive non-finite updates (each skipped) that stop the run.
             compile: Compile actor and critic with ``torch.compile`` (telemetry and clipping stay exact).
+            cuda_graphs: Capture the critic step and the actor step (with the target update) as CUDA graphs and
+                replay them for each batch: the same kernels, clipping and telemetry, issued at once instead of one by
+                one from Python. Needs one CUDA device and precision 32-true or 64-true (``lit_td3.graphs``).
             observation_shapes: Filled from the env by the data module; set only to load a checkpoint by hand.
             action_dim: Filled from the env by the data module; set only to load a checkpoint by hand.
             reward_bound: r_max, the largest |reward| of one env step, if known; enables the Q-bound alert: an actor
@@ -165,9 +179,15 @@ class TD3Module(pl.LightningModule):
         self.window = WindowMeans()
         self._logged_at = 0
         self._optimized: dict[int, _Optimized] = {}
-        self._loss = torch.zeros(())  # the loss of the step about to be taken (on_before_backward)
+        self._loss = torch.zeros(())  # the loss of the step being taken, for the non-finite guard
+        self._step_telemetry = StepOutput({}, {})  # filled by on_before_optimizer_step
         self._q_limit = None if reward_bound is None else q_bound_margin * reward_bound / (1.0 - gamma)
         self._q_over = False
+        # Per-update flags counted on the device, read at log points (no host sync per update).
+        self._events = {"nonfinite_critic": DeviceEvents(), "nonfinite_actor": DeviceEvents(), "q_bound": DeviceEvents()}
+        self._stop_reasons: list[str] = []
+        self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step, for stamping events
+        self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
         if observation_shapes is not None and action_dim is not None:
             self._build_networks(observation_shapes, action_dim)
 
@@ -187,6 +207,9 @@ class TD3Module(pl.LightningModule):
             self.critic.compile()
 
     def setup(self, stage: str) -> None:
+        if self.hparams.cuda_graphs and stage == "fit":
+            trainer = self.trainer
+            check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision)
         if not hasattr(self, "actor"):
             dm = self.trainer.datamodule
             self._build_networks(dm.observation_shapes, dm.action_dim)
@@ -200,12 +223,13 @@ class TD3Module(pl.LightningModule):
     # ------------------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
-        # Fused Adam (one kernel per step) only at full precision: under AMP it unscales inside step(), where
-        # clip_gradients cannot reach, and Lightning refuses to clip it (LIGHTNING_NOTES 3).
-        precision = self._trainer.precision if self._trainer is not None else "32-true"
-        fused = precision in ("32-true", "32", "64-true")
-        actor_opt = self._adam(split_parameters(self.actor), hp.actor_cnn_lr, hp.actor_mlp_lr, fused)
-        critic_opt = self._adam(split_parameters(self.critic), hp.critic_cnn_lr, hp.critic_mlp_lr, fused)
+        # Fused Adam: one kernel per step, and it skips a step flagged non-finite on the device (found_inf). Only at
+        # full precision: under AMP it unscales inside step(), where clip_gradients cannot reach, and Lightning
+        # refuses to clip it (LIGHTNING_NOTES 3).
+        fused = (self._trainer.precision if self._trainer is not None else "32-true") in FULL_PRECISIONS
+        actor_opt = self._adam(split_parameters(self.actor), hp.actor_cnn_lr, hp.actor_mlp_lr, fused, hp.cuda_graphs)
+        critic_opt = self._adam(split_parameters(self.critic), hp.critic_cnn_lr, hp.critic_mlp_lr, fused,
+                                hp.cuda_graphs)
         self._optimized = {
             id(actor_opt): _Optimized("actor", split_parameters(self.actor), self.clipping.actor_max_norm),
             id(critic_opt): _Optimized("critic", split_parameters(self.critic), self.clipping.critic_max_norm),
@@ -213,12 +237,14 @@ class TD3Module(pl.LightningModule):
         return [actor_opt, critic_opt]
 
     @staticmethod
-    def _adam(parts: dict[str, list[torch.nn.Parameter]], cnn_lr: float, mlp_lr: float,
-              fused: bool) -> torch.optim.Adam:
+    def _adam(parts: dict[str, list[torch.nn.Parameter]], cnn_lr: float, mlp_lr: float, fused: bool,
+              capturable: bool) -> torch.optim.Adam:
         groups = [{"params": parts["mlp"], "lr": mlp_lr, "name": "mlp"}]
         if parts["cnn"]:
             groups.insert(0, {"params": parts["cnn"], "lr": cnn_lr, "name": "cnn"})
-        return torch.optim.Adam(groups, fused=True) if fused else torch.optim.Adam(groups, foreach=True)
+        if fused:
+            return torch.optim.Adam(groups, fused=True, capturable=capturable)
+        return torch.optim.Adam(groups, foreach=True)
 
     def on_train_start(self) -> None:
         # A resumed checkpoint restores its optimizers' learning rates; the configured ones win (rollback plan).
@@ -228,41 +254,58 @@ class TD3Module(pl.LightningModule):
                          (critic_opt, {"cnn": hp.critic_cnn_lr, "mlp": hp.critic_mlp_lr})]:
             for group in opt.param_groups:
                 group["lr"] = lrs[group["name"]]
+        if hp.cuda_graphs:
+            self._critic_step = GraphedStep(self.update_critic, on_replay=partial(_count_replayed_step, critic_opt))
+            self._actor_step = GraphedStep(self.update_actor, on_replay=partial(_count_replayed_step, actor_opt))
 
     # ------------------------------------------------------------------------------------------------ TD3
     def training_step(self, batch: Transition, batch_idx: int) -> None:
-        actor_opt, critic_opt = self.optimizers()
-        hp = self.hparams
-        self.last_gradient_norms = {}  # this batch's pre-clip norms, for callbacks.GradientAlertCallback
+        self._env_step = self._env_step.to(self.device).fill_(self.counters.env_steps)
+        # Target policy smoothing noise, drawn outside any CUDA graph: eager and graphed updates take the same numbers
+        # from the same generator, whose state checkpoints save and restore.
+        noise = torch.randn_like(batch.action) * self.hparams.policy_noise
+        critic = self._critic_step(batch, noise)  # update_critic, or its CUDA-graph replay
+        self.counters.critic_updates += 1
+        self.window.add(critic.metrics)
+        gradient_norms = dict(critic.gradient_norms)
+        # Delayed policy update, counted in critic updates (global_step counts both optimizers' steps).
+        if self.counters.critic_updates % self.hparams.policy_freq == 0:
+            actor = self._actor_step(batch)  # update_actor, or its CUDA-graph replay
+            self.counters.actor_updates += 1
+            self.window.add(actor.metrics)
+            gradient_norms.update(actor.gradient_norms)
+        self.last_gradient_norms = gradient_norms  # this batch's pre-clip norms, for callbacks.GradientAlertCallback
+        self._log_if_due()
 
-        # Critic: clipped double-Q target with target policy smoothing.
+    def update_critic(self, batch: Transition, noise: Tensor) -> StepOutput:
+        """One critic step: clipped double-Q target with target policy smoothing by ``noise`` ~ N(0, sigma)."""
+        hp = self.hparams
         with torch.no_grad():
-            noise = torch.randn_like(batch.action) * hp.policy_noise
             next_action = smoothed_target_action(self.actor_target(batch.next_obs), noise, hp.noise_clip)
             next_q1, next_q2 = self.critic_target(batch.next_obs, next_action)
             target = td_target(batch.reward, batch.terminated, next_q1, next_q2, hp.gamma)
         q1, q2 = self.critic(batch.obs, batch.action)
         loss_q, q_info = critic_loss(q1, q2, target)
-        self._optimize(critic_opt, loss_q)
-        self.counters.critic_updates += 1
-        self.window.add({"train/critic_loss": loss_q, **q_info})
+        telemetry = self._optimize(self.optimizers()[1], loss_q)
+        return StepOutput({"train/critic_loss": loss_q, **q_info, **telemetry.metrics}, telemetry.gradient_norms)
 
-        # Delayed policy update, counted in critic updates (global_step counts both optimizers' steps).
-        if self.counters.critic_updates % hp.policy_freq == 0:
-            with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
-                q1_of_policy, _ = self.critic(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
-                loss_pi = actor_loss(q1_of_policy)
-                self._optimize(actor_opt, loss_pi)
-            self.counters.actor_updates += 1
-            self.window.add({"train/actor_loss": loss_pi})
-            self._soft_update_targets()
+    def update_actor(self, batch: Transition) -> StepOutput:
+        """One actor step on Q1(s, mu(s)), then the soft update of both targets."""
+        actor_opt = self.optimizers()[0]
+        with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
+            q1_of_policy, _ = self.critic(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
+            loss_pi = actor_loss(q1_of_policy)
+            telemetry = self._optimize(actor_opt, loss_pi)
+        self._soft_update_targets()
+        return StepOutput({"train/actor_loss": loss_pi, **telemetry.metrics}, telemetry.gradient_norms)
 
-        self._log_if_due()
-
-    def _optimize(self, optimizer: pl.core.optimizer.LightningOptimizer, loss: Tensor) -> None:
+    def _optimize(self, optimizer: pl.core.optimizer.LightningOptimizer, loss: Tensor) -> StepOutput:
+        self._loss = loss.detach()
+        self._step_telemetry = StepOutput({}, {})
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()  # clipping and telemetry: on_before_optimizer_step, after the AMP unscale
+        return self._step_telemetry
 
     @torch.no_grad()
     def _soft_update_targets(self) -> None:
@@ -280,8 +323,7 @@ class TD3Module(pl.LightningModule):
             if params
         }
         total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
-        if not self._finite_or_skip(opt, optimizer, total):
-            return
+        self._guard(opt, optimizer, total)
         telemetry = {f"gradients/{opt.name}_{part}_norm": norm for part, norm in norms.items()}
         if self.clipping.enabled:
             self.clip_gradients(optimizer, gradient_clip_val=opt.max_norm, gradient_clip_algorithm="norm")
@@ -291,70 +333,65 @@ class TD3Module(pl.LightningModule):
         else:
             clipped = total
         telemetry[f"gradients/{opt.name}_norm_clipped"] = clipped
-        self.last_gradient_norms.update({f"{opt.name}_{part}": norm for part, norm in norms.items()})
-        self.window.add(telemetry)
+        self._step_telemetry = StepOutput(telemetry, {f"{opt.name}_{part}": norm for part, norm in norms.items()})
 
-    def on_before_backward(self, loss: Tensor) -> None:
-        self._loss = loss.detach()  # read by _finite_or_skip when this loss's optimizer is about to step
+    def _guard(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> None:
+        """Skips the step of a non-finite loss or gradient, and checks the Q bound; all on the device.
 
-    def _finite_or_skip(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> bool:
-        """Skips the step of a non-finite loss or gradient (parameters unchanged); too many in a row stop the run.
-
+        Fused Adam skips a step whose ``found_inf`` is set: parameters, moments and step count stay as they were
+        (under bf16-mixed, whose Adam is not fused, the skip is decided on the host).
         A non-finite TD target makes the critic's loss non-finite, so it is caught here too. The actor's loss is
-        -mean Q1(s, mu(s)): the Q-bound check reads it in the same host sync. Under a GradScaler (16-mixed), infinite
-        gradients are the scaler's business: it skips the step itself and lowers the scale, so they are not counted.
+        -mean Q1(s, mu(s)), which the Q-bound alert reads. Under a GradScaler (16-mixed), infinite gradients are
+        the scaler's business: it skips the step itself and lowers the scale, so they are not counted. The flags
+        are counted on the device and read at log points (``_read_events``), where too long a run stops training.
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        q_check = opt.name == "actor" and self._q_limit is not None
-        if scaler is not None and not q_check:
-            return True
-        loss = self._loss.float() if scaler is None else self._loss.float() / scaler.get_scale()
-        finite = torch.stack([torch.isfinite(total), torch.isfinite(loss)]).float()
+        loss = self._loss.float()
+        loss_bad = ~torch.isfinite(loss)
+        bad = loss_bad | ~torch.isfinite(total)
         if self.trainer.world_size > 1:
             # Gradients are all-reduced, losses are each rank's own: all ranks must skip together or none, or the
             # replicas' weights would part ways.
-            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        grad_ok, loss_ok, q = torch.cat([finite, -loss.reshape(1)]).tolist()
-        if q_check:
-            self._check_q_bound(q)
-        if scaler is not None or (grad_ok and loss_ok):
-            self.counters.consecutive_nonfinite[opt.name] = 0
-            return True
-        self._skip_step(opt, optimizer, "gradient norm" if loss_ok else "loss")
-        return False
+            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            if optimizer.defaults["fused"]:
+                optimizer.found_inf = bad.float()
+            elif bad:  # bf16-mixed: no fused Adam under AMP, so this one step is decided on the host
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None  # Adam skips parameters without a gradient: no step, no moment update
+            self._events[f"nonfinite_{opt.name}"].record(bad, loss_bad, self._env_step)
+        if opt.name == "actor" and self._q_limit is not None:
+            q = -loss
+            self._events["q_bound"].record(q.abs() > self._q_limit, q, self._env_step)
 
-    def _skip_step(self, opt: _Optimized, optimizer: torch.optim.Optimizer, what: str) -> None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None  # Adam skips parameters without a gradient: no step, no moment update
-        counters = self.counters
-        counters.nonfinite_steps += 1
-        counters.consecutive_nonfinite[opt.name] += 1
-        in_a_row = counters.consecutive_nonfinite[opt.name]
-        rank_zero_warn(f"lit_td3: non-finite {opt.name} {what} at env step {counters.env_steps}: {opt.name} update "
-                       f"skipped, parameters unchanged ({in_a_row} in a row)")
-        log_scalars(self.trainer, {"alerts/nonfinite_steps": float(counters.nonfinite_steps)}, counters.env_steps)
-        if in_a_row >= self.hparams.max_consecutive_nonfinite:
-            raise NonFiniteTrainingError(
-                f"{in_a_row} consecutive non-finite {opt.name} updates (model.max_consecutive_nonfinite="
-                f"{self.hparams.max_consecutive_nonfinite}) at env step {counters.env_steps}: stopping with a checkpoint"
-                " of the last finite weights"
+    def _read_events(self) -> None:
+        """Brings the device's event counts into the counters, with their warnings; a network whose non-finite
+        updates ran ``max_consecutive_nonfinite`` in a row goes into ``_stop_reasons``, for the log point to raise."""
+        windows = read_events(self._events)
+        counters, limit = self.counters, self.hparams.max_consecutive_nonfinite
+        for name in ("critic", "actor"):
+            window = windows[f"nonfinite_{name}"]
+            counters.consecutive_nonfinite[name] = window.streak
+            if window.longest >= limit:
+                self._stop_reasons.append(f"{window.longest} consecutive non-finite {name} updates")
+            if not window.count:
+                continue
+            counters.nonfinite_steps += window.count
+            what = "loss" if window.first_value else "gradient norm"
+            rank_zero_warn(f"lit_td3: non-finite {name} {what} at env step {window.first_step}: {name} update "
+                           f"skipped, parameters unchanged ({window.count} skipped by env step {counters.env_steps}, "
+                           f"{window.streak} in a row now)")
+        q = windows["q_bound"]
+        counters.q_bound_alerts += q.count
+        if q.count and not self._q_over:
+            hp = self.hparams
+            rank_zero_warn(
+                f"lit_td3: Q-bound alert at env step {q.first_step}: the critic's mean Q1(s, mu(s)) is "
+                f"{q.first_value:.4g}, beyond +-{self._q_limit:.4g} = {hp.q_bound_margin} x r_max / (1 - gamma) with "
+                f"r_max={hp.reward_bound}, gamma={hp.gamma}: the critic's estimates are diverging (the actor loss "
+                "is their negation)"
             )
-
-    def _check_q_bound(self, q: float) -> None:
-        """Counts actor updates whose mean Q1(s, mu(s)) is beyond the bound; warns when it first crosses it."""
-        over = abs(q) > self._q_limit
-        if over:
-            self.counters.q_bound_alerts += 1
-            if not self._q_over:
-                hp = self.hparams
-                rank_zero_warn(
-                    f"lit_td3: Q-bound alert at env step {self.counters.env_steps}: the critic's mean Q1(s, mu(s)) is "
-                    f"{q:.4g}, beyond +-{self._q_limit:.4g} = {hp.q_bound_margin} x r_max / (1 - gamma) with "
-                    f"r_max={hp.reward_bound}, gamma={hp.gamma}: the critic's estimates are diverging (the actor loss "
-                    "is their negation)"
-                )
-        self._q_over = over
+        self._q_over = q.streak > 0
 
     def alert_metrics(self) -> dict[str, float]:
         """The running fault counts, logged at every log point as ``alerts/*``."""
@@ -370,6 +407,12 @@ class TD3Module(pl.LightningModule):
         if self.counters.env_steps // every == self._logged_at // every:
             return
         self._logged_at = self.counters.env_steps
+        self._read_events()
+        if self._stop_reasons:
+            raise NonFiniteTrainingError(
+                f"{self._stop_reasons[0]} (model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}) by env step "
+                f"{self.counters.env_steps}: stopping with a checkpoint of the last finite weights"
+            )
         metrics = self.window.flush()
         metrics.update(self.alert_metrics())
         metrics["train/actor_updates"] = float(self.counters.actor_updates)
@@ -388,6 +431,7 @@ class TD3Module(pl.LightningModule):
                 f"refusing to write a checkpoint at env step {self.counters.env_steps}: non-finite values in "
                 f"{bad[:5]}; the previous checkpoint holds the last finite state"
             )
+        self._read_events()  # updates not counted at a log point yet; a stop waits for the next log point
         mine = {
             "counters": asdict(self.counters),
             "rng": {
@@ -430,6 +474,13 @@ class TD3Module(pl.LightningModule):
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _count_replayed_step(optimizer: pl.core.optimizer.LightningOptimizer) -> None:
+    """What ``LightningOptimizer.step`` does around a step for Lightning's count of optimizer steps (``global_step``),
+    for a step replayed in a CUDA graph, where Lightning's Python does not run."""
+    optimizer._on_before_step()
+    optimizer._on_after_step()
 
 
 def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:

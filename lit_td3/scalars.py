@@ -34,14 +34,14 @@ class WindowMeans:
         self.counts: dict[str, int] = {}
 
     def add(self, values: Mapping[str, Tensor]) -> None:
-        for key, value in values.items():
-            value = value.detach().float()
-            if key in self.sums:
-                self.sums[key] += value
-                self.counts[key] += 1
-            else:
-                self.sums[key] = value.clone()
-                self.counts[key] = 1
+        new = [key for key in values if key not in self.sums]
+        for key in new:
+            self.sums[key] = values[key].detach().float().clone()
+        seen = [key for key in values if key not in new]
+        if seen:  # one foreach kernel, not one launch per metric
+            torch._foreach_add_([self.sums[k] for k in seen], [values[k].detach().float() for k in seen])
+        for key in values:
+            self.counts[key] = self.counts.get(key, 0) + 1
 
     def flush(self) -> dict[str, float]:
         """Means since the last flush, read from the device in one transfer."""

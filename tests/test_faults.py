@@ -90,7 +90,7 @@ def fit_batches(module: TD3Module, batches: list[Any], callbacks: list[pl.Callba
 
 def test_a_nonfinite_loss_skips_that_update_and_names_network_and_env_step() -> None:
     torch.manual_seed(0)
-    module = make_module(VECTOR, 1, policy_freq=1)
+    module = make_module(VECTOR, 1, policy_freq=1, log_every_n_env_steps=1)  # the guard is read at every batch
     batches = [random_batch(VECTOR, 1, seed=i) for i in range(4)]
     batches[2].reward[0] = float("nan")  # one NaN reward: the critic's TD target and loss are NaN
     snapshots = Snapshots()
@@ -107,7 +107,7 @@ def test_a_nonfinite_loss_skips_that_update_and_names_network_and_env_step() -> 
 
 def test_k_nonfinite_updates_of_one_network_in_a_row_stop_the_run() -> None:
     torch.manual_seed(0)
-    module = make_module(VECTOR, 1, policy_freq=1, max_consecutive_nonfinite=3)
+    module = make_module(VECTOR, 1, policy_freq=1, max_consecutive_nonfinite=3, log_every_n_env_steps=1)
     with torch.no_grad():
         next(module.critic_target.parameters()).fill_(float("nan"))  # every TD target is NaN from here on
     batches = [random_batch(VECTOR, 1, seed=i) for i in range(6)]
@@ -115,7 +115,9 @@ def test_k_nonfinite_updates_of_one_network_in_a_row_stop_the_run() -> None:
     with pytest.raises(NonFiniteTrainingError, match="3 consecutive non-finite critic updates"):
         fit_batches(module, batches, [Snapshots()])
     assert module.counters.nonfinite_steps == 3
-    assert module.counters.actor_updates == 2  # two finite actor steps came between the critic's three
+    # Two finite actor steps came between the critic's three; the stop comes at the log point after the third
+    # batch, after its actor step.
+    assert module.counters.actor_updates == 3
 
 
 def test_a_nonfinite_weight_is_never_written_to_a_checkpoint(tmp_path: Path) -> None:
@@ -152,7 +154,7 @@ def test_nonfinite_env_outputs_are_rejected_counted_and_reported_with_their_env_
 def test_k_nonfinite_updates_stop_the_run_with_a_checkpoint_of_the_last_finite_state(tmp_path: Path) -> None:
     # Rewards x1e30 are finite (float32 holds 3.4e38) but every critic loss (q - y)^2 overflows to inf.
     config = faulty_config(tmp_path, total=300, env_kwargs={"reward_scale": 1e30},
-                           model={"max_consecutive_nonfinite": 5})
+                           model={"max_consecutive_nonfinite": 5, "log_every_n_env_steps": 1})
     stopped = fit(config, command=WITH_FAULTY_ENV)
     assert stopped.returncode == 3, stopped.stderr[-3000:]
     skipped = env_steps_named(stopped.stderr, "non-finite critic loss")

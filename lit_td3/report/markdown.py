@@ -142,8 +142,8 @@ def render_report(
         "",
         "## Criteria",
         "",
-        f"From `{criteria_source}`. Measured values are the candidate's; "
-        "the baseline's are beside them for comparison.",
+        (f"From `{criteria_source}`. Measured values are the candidate's; "
+         "the baseline's are beside them for comparison."),
         "",
         *_table(
             ["criterion", "tag", "rule", "blocking", "candidate", "baseline", "result"],
