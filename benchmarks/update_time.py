@@ -227,6 +227,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; variants take turns in each")
     parser.add_argument("--batch-size", type=int, default=base_config()["data"]["batch_size"])
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True, as "
+                        "--trainer.benchmark true does in a run (cuDNN times its algorithms in the warm-up)")
+    parser.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+                        help="torch.set_float32_matmul_precision (default: torch's, 'highest')")
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 10 timed updates, 3 warm-up, 2 rounds")
     args = parser.parse_args()
     args.paths = _subset(parser, "--paths", args.paths, PATHS)
@@ -303,13 +307,17 @@ def main() -> None:
     check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
     precision = base_config()["trainer"].get("precision", "32-true")
     started = time.perf_counter()
     sections = []
     for path in args.paths:
         syncs, times = measure_path(path, args, precision)
         sections.append(report(path, times, args, syncs))
-    print(f"## TD3 update time ({args.device}, precision {precision})\n")
+    print(f"## TD3 update time ({args.device}, precision {precision}, cudnn.benchmark {args.cudnn_benchmark}, "
+          f"float32 matmul precision {torch.get_float32_matmul_precision()})\n")
     print("\n".join(sections))
     print(f"Each row pools {args.repeats} rounds of {args.iterations} timed updates after {args.warmup} untimed ones; "
           "an update is the mean of policy_freq consecutive batches. Batches are random and already on the device, "
