@@ -393,11 +393,17 @@ class ReplayBuffer:
         batch, stack, frame_shape = len(stacks), stacks.shape[1] - 1, self._frames.shape[1:]
         # Both stacks go into one block: with two separate 7 MB outputs per batch, glibc kept handing the memory
         # back to the OS and faulting it in again (7.0 ms per batch of 256 against 1.6 ms; one Xeon core, 1M frames).
-        # index_select copies whole frames; advanced indexing (frames[idx]) is ~8x slower on the CPU.
-        pair = torch.empty(2, batch * stack, *frame_shape, dtype=torch.uint8, device=self._device)
-        torch.index_select(self._frames, 0, stacks[:, :-1].reshape(-1), out=pair[0])
-        torch.index_select(self._frames, 0, stacks[:, 1:].reshape(-1), out=pair[1])
-        return pair[0].view(batch, stack, *frame_shape), pair[1].view(batch, stack, *frame_shape)
+        slots = torch.cat([stacks[:, :-1].reshape(-1), stacks[:, 1:].reshape(-1)])
+        if self._device.type == "cpu":
+            # numpy's take runs on one thread. torch's index_select spreads over every intra-op thread, and in a
+            # learner whose cores the env workers share that was 6x slower (11.5 ms per batch with torch's 16
+            # threads against 2.0 ms with one, in runs on the 16-core GPU machine; BENCHMARKS.md, "Sampling in a
+            # run").
+            pair = torch.from_numpy(np.take(self._frames.numpy(), slots.numpy(), axis=0))
+        else:
+            pair = self._frames.index_select(0, slots)
+        pair = pair.view(2, batch, stack, *frame_shape)
+        return pair[0], pair[1]
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import sys
 import traceback
 from typing import Any
 
+import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -24,6 +25,7 @@ from lit_td3.config import ConfigError
 from lit_td3.data import RolloutDataModule
 from lit_td3.envs.carla.server import SimulatorUnavailableError
 from lit_td3.files import CheckpointWriteError
+from lit_td3.graphs import check_cuda_graphs
 from lit_td3.module import NonFiniteTrainingError, TD3Module
 
 DEFAULT_ROOT_DIR = "runs/td3"
@@ -66,6 +68,8 @@ class TD3CLI(LightningCLI):
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": root, "name": "", "version": "", "default_hp_metric": False},
             }
+        if config.model.cuda_graphs:
+            _check_cuda_graphs_request(config.trainer)
         if config.trainer.strategy == "ddp":
             # The actor steps every policy_freq-th batch: in the others its parameters get no gradient, which plain
             # DDP takes for an error (Lightning issues #20328, #20866).
@@ -121,6 +125,23 @@ def _innermost(err: BaseException) -> BaseException:
     while err.__cause__ is not None:
         err = err.__cause__
     return err
+
+
+def _check_cuda_graphs_request(trainer: Any) -> None:
+    """``model.cuda_graphs`` against the configured trainer, before anything is built (``TD3Module.setup`` checks the
+    trainer Lightning actually made)."""
+    cuda = str(trainer.accelerator or "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    devices = trainer.devices if trainer.devices is not None else "auto"
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif str(devices).strip() in ("auto", "-1"):
+        count = torch.cuda.device_count() if cuda else 1
+    elif "," in str(devices):
+        count = len([d for d in str(devices).split(",") if d.strip()])
+    else:
+        count = int(devices) if str(devices).strip().isdigit() else 1  # anything else: TD3Module.setup decides
+    check_cuda_graphs(torch.device("cuda" if cuda else "cpu"), count * int(trainer.num_nodes or 1),
+                      str(trainer.precision or "32-true"))
 
 
 def _check_config_files(args: Any) -> None:

@@ -75,6 +75,10 @@ def no_envs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--data.env_id", "Pendulm-v1"], ("data.env_id='Pendulm-v1' is not a registered gymnasium env: "
                                            "Environment `Pendulm` doesn't exist. Did you mean: `Pendulum`?")),
         (["--ckpt_path", "/no/such/run/last.ckpt"], "checkpoint '/no/such/run/last.ckpt' does not exist"),
+        (["--model.cuda_graphs", "true", "--trainer.accelerator", "cpu"],
+         "model.cuda_graphs=true needs a CUDA device (this run trains on 'cpu'"),
+        (["--model.cuda_graphs", "true", "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"],
+         "; and precision 32-true or 64-true (this run: 'bf16-mixed'"),
     ],
 )
 def test_bad_values_name_the_field_before_any_env(tmp_path: Path, capsys: pytest.CaptureFixture, no_envs: None,
