@@ -69,7 +69,7 @@ class TD3CLI(LightningCLI):
                 "init_args": {"save_dir": root, "name": "", "version": "", "default_hp_metric": False},
             }
         if config.model.cuda_graphs:
-            _check_cuda_graphs_request(config.trainer)
+            _check_cuda_graphs_request(config.trainer, bool(config.model.compile))
         if config.trainer.strategy == "ddp":
             # The actor steps every policy_freq-th batch: in the others its parameters get no gradient, which plain
             # DDP takes for an error (Lightning issues #20328, #20866).
@@ -127,7 +127,7 @@ def _innermost(err: BaseException) -> BaseException:
     return err
 
 
-def _check_cuda_graphs_request(trainer: Any) -> None:
+def _check_cuda_graphs_request(trainer: Any, compile: bool) -> None:
     """``model.cuda_graphs`` against the configured trainer, before anything is built (``TD3Module.setup`` checks the
     trainer Lightning actually made)."""
     cuda = str(trainer.accelerator or "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -141,7 +141,7 @@ def _check_cuda_graphs_request(trainer: Any) -> None:
     else:
         count = int(devices) if str(devices).strip().isdigit() else 1  # anything else: TD3Module.setup decides
     check_cuda_graphs(torch.device("cuda" if cuda else "cpu"), count * int(trainer.num_nodes or 1),
-                      str(trainer.precision or "32-true"))
+                      str(trainer.precision or "32-true"), compile)
 
 
 def _check_config_files(args: Any) -> None:

@@ -34,9 +34,12 @@ FULL_PRECISIONS = ("32-true", "32", "64-true", "64")
 """Precisions of fused Adam, whose non-finite skip (``found_inf``) happens on the device and can be captured."""
 
 
-def check_cuda_graphs(device: torch.device, world_size: int, precision: str) -> None:
+def check_cuda_graphs(device: torch.device, world_size: int, precision: str, compile: bool = False) -> None:
     """Refuses ``model.cuda_graphs: true`` where capture cannot work, naming what to change."""
     problems = []
+    if compile:
+        problems.append("model.compile false (a torch.compile recompilation inside a capture would break it; the "
+                        "graphs already remove the launch overhead that compile saves)")
     if device.type != "cuda":
         problems.append(f"a CUDA device (this run trains on {device.type!r}: set --trainer.accelerator gpu)")
     if world_size > 1:

@@ -209,7 +209,8 @@ class TD3Module(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.hparams.cuda_graphs and stage == "fit":
             trainer = self.trainer
-            check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision)
+            check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision,
+                              self.hparams.compile)
         if not hasattr(self, "actor"):
             dm = self.trainer.datamodule
             self._build_networks(dm.observation_shapes, dm.action_dim)
