@@ -185,7 +185,6 @@ class TD3Module(pl.LightningModule):
         self._q_over = False
         # Per-update flags counted on the device, read at log points (no host sync per update).
         self._events = {"nonfinite_critic": DeviceEvents(), "nonfinite_actor": DeviceEvents(), "q_bound": DeviceEvents()}
-        self._stop_reasons: list[str] = []
         self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step, for stamping events
         self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
         if observation_shapes is not None and action_dim is not None:
@@ -365,16 +364,18 @@ class TD3Module(pl.LightningModule):
             q = -loss
             self._events["q_bound"].record(q.abs() > self._q_limit, q, self._env_step)
 
-    def _read_events(self) -> None:
-        """Brings the device's event counts into the counters, with their warnings; a network whose non-finite
-        updates ran ``max_consecutive_nonfinite`` in a row goes into ``_stop_reasons``, for the log point to raise."""
+    def _read_events(self) -> list[str]:
+        """Brings the device's event counts into the counters, with their warnings; returns the networks whose
+        non-finite updates ran ``max_consecutive_nonfinite`` in a row (a run still going on at a read is carried
+        into the next window, so a read between log points loses no stop)."""
         windows = read_events(self._events)
         counters, limit = self.counters, self.hparams.max_consecutive_nonfinite
+        stop_reasons = []
         for name in ("critic", "actor"):
             window = windows[f"nonfinite_{name}"]
             counters.consecutive_nonfinite[name] = window.streak
             if window.longest >= limit:
-                self._stop_reasons.append(f"{window.longest} consecutive non-finite {name} updates")
+                stop_reasons.append(f"{window.longest} consecutive non-finite {name} updates")
             if not window.count:
                 continue
             counters.nonfinite_steps += window.count
@@ -393,6 +394,7 @@ class TD3Module(pl.LightningModule):
                 "is their negation)"
             )
         self._q_over = q.streak > 0
+        return stop_reasons
 
     def alert_metrics(self) -> dict[str, float]:
         """The running fault counts, logged at every log point as ``alerts/*``."""
@@ -408,10 +410,10 @@ class TD3Module(pl.LightningModule):
         if self.counters.env_steps // every == self._logged_at // every:
             return
         self._logged_at = self.counters.env_steps
-        self._read_events()
-        if self._stop_reasons:
+        stop_reasons = self._read_events()
+        if stop_reasons:
             raise NonFiniteTrainingError(
-                f"{self._stop_reasons[0]} (model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}) by env step "
+                f"{stop_reasons[0]} (model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}) by env step "
                 f"{self.counters.env_steps}: stopping with a checkpoint of the last finite weights"
             )
         metrics = self.window.flush()
@@ -432,7 +434,7 @@ class TD3Module(pl.LightningModule):
                 f"refusing to write a checkpoint at env step {self.counters.env_steps}: non-finite values in "
                 f"{bad[:5]}; the previous checkpoint holds the last finite state"
             )
-        self._read_events()  # updates not counted at a log point yet; a stop waits for the next log point
+        self._read_events()  # updates not counted at a log point yet; a stop is raised at the next log point
         mine = {
             "counters": asdict(self.counters),
             "rng": {

@@ -120,6 +120,34 @@ def test_k_nonfinite_updates_of_one_network_in_a_row_stop_the_run() -> None:
     assert module.counters.actor_updates == 3
 
 
+class CheckpointAfterBatch(pl.Callback):
+    """Batch i comes at env step i + 1; a checkpoint is written after batch ``at``."""
+
+    def __init__(self, path: Path, at: int) -> None:
+        self.path, self.at = path, at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: TD3Module, batch: Any, batch_idx: int) -> None:
+        pl_module.counters.env_steps = batch_idx + 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: TD3Module, *args: Any) -> None:
+        if pl_module.counters.env_steps == self.at + 1:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_stop_that_a_checkpoint_read_between_log_points_still_comes_at_the_log_point(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = make_module(VECTOR, 1, policy_freq=1, max_consecutive_nonfinite=2, log_every_n_env_steps=4)
+    batches = [random_batch(VECTOR, 1, seed=i) for i in range(6)]
+    for batch in batches[:3]:
+        batch.reward[0] = float("nan")  # three non-finite critic updates in a row, then finite ones
+    checkpoint = CheckpointAfterBatch(tmp_path / "mid.ckpt", at=2)  # reads the device counts before the log point
+    with pytest.raises(NonFiniteTrainingError, match=r"3 consecutive non-finite critic updates .* by env step 4"):
+        fit_batches(module, batches, [checkpoint])
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["lit_td3"]["counters"]
+    assert saved["nonfinite_steps"] == 3 and saved["consecutive_nonfinite"]["critic"] == 3
+    assert module.counters.critic_updates == 4  # the streak had ended, yet the log point stopped the run
+
+
 def test_a_nonfinite_weight_is_never_written_to_a_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = make_module(VECTOR, 1)
