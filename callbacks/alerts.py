@@ -1,11 +1,12 @@
 """Gradient explosion alerts: the signal the original report was missing until the actor loss reached -7.6M.
 
 Every update's pre-clip gradient norms (per network part: actor_cnn, actor_mlp, critic_cnn, critic_mlp) are
-compared on the device with two thresholds, a few kernels per network and update, and read at log points only. Running counts of (update, part) pairs above each threshold are logged
-at the module's log points: per network as ``alerts/actor/gradient_warning`` (the original report's explosion was
-the actor's: its GO/NO-GO criteria read these) and ``alerts/critic/...``, and in total as
-``alerts/gradient_warning`` and ``alerts/gradient_critical``. The console gets one warning per threshold crossing
-(a part's norm going from below a threshold to above it), naming the part, the norm and the env step.
+compared on the device with two thresholds (a few kernels per network and update, read at log points only).
+Running counts of (update, part) pairs above each threshold are logged at the module's log points: per network as
+``alerts/actor/gradient_warning`` (the original report's explosion was the actor's: its GO/NO-GO criteria read
+these) and ``alerts/critic/...``, and in total as ``alerts/gradient_warning`` and ``alerts/gradient_critical``.
+The console gets one warning per threshold crossing (a part's norm going from below a threshold to above it), naming
+the part, the norm and the env step.
 """
 
 from __future__ import annotations

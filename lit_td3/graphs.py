@@ -63,8 +63,7 @@ class GraphedStep(Generic[Out]):
         self.step, self.on_replay, self.warmup = step, on_replay, warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._inputs: list[torch.Tensor] = []
-        self._static: Any = None
+        self._inputs: list[torch.Tensor] = []  # the graph's own copies of the input tensors
         self._outputs: Any = None
         self._stream = torch.cuda.Stream()
 
@@ -77,8 +76,8 @@ class GraphedStep(Generic[Out]):
             return self._outputs
         if self.calls <= self.warmup:
             return self._on_side_stream(lambda: self.step(*inputs))
-        self._static = pytree.tree_map(torch.clone, inputs)
-        self._inputs = pytree.tree_leaves(self._static)
+        static = pytree.tree_map(torch.clone, inputs)
+        self._inputs = pytree.tree_leaves(static)
         graph = torch.cuda.CUDAGraph()
         # No garbage collection while capturing: a dead cycle freed then (an earlier Trainer's CUDA tensors and
         # events) runs CUDA calls that invalidate the capture.
@@ -87,7 +86,7 @@ class GraphedStep(Generic[Out]):
         gc.disable()
         try:
             with torch.cuda.graph(graph):
-                self._outputs = self.step(*self._static)
+                self._outputs = self.step(*static)
         finally:
             if gc_was_enabled:
                 gc.enable()

@@ -184,8 +184,8 @@ class TD3Module(pl.LightningModule):
         self._q_limit = None if reward_bound is None else q_bound_margin * reward_bound / (1.0 - gamma)
         self._q_over = False
         # Per-update flags counted on the device, read at log points (no host sync per update).
-        self._events = {"nonfinite_critic": DeviceEvents(), "nonfinite_actor": DeviceEvents(), "q_bound": DeviceEvents()}
-        self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step, for stamping events
+        self._events = {name: DeviceEvents() for name in ("nonfinite_critic", "nonfinite_actor", "q_bound")}
+        self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step; on the device from train start
         self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
         if observation_shapes is not None and action_dim is not None:
             self._build_networks(observation_shapes, action_dim)
@@ -254,13 +254,14 @@ class TD3Module(pl.LightningModule):
                          (critic_opt, {"cnn": hp.critic_cnn_lr, "mlp": hp.critic_mlp_lr})]:
             for group in opt.param_groups:
                 group["lr"] = lrs[group["name"]]
+        self._env_step = torch.zeros((), dtype=torch.float64, device=self.device)
         if hp.cuda_graphs:
             self._critic_step = GraphedStep(self.update_critic, on_replay=partial(_count_replayed_step, critic_opt))
             self._actor_step = GraphedStep(self.update_actor, on_replay=partial(_count_replayed_step, actor_opt))
 
     # ------------------------------------------------------------------------------------------------ TD3
     def training_step(self, batch: Transition, batch_idx: int) -> None:
-        self._env_step = self._env_step.to(self.device).fill_(self.counters.env_steps)
+        self._env_step.fill_(self.counters.env_steps)
         # Target policy smoothing noise, drawn outside any CUDA graph: eager and graphed updates take the same numbers
         # from the same generator, whose state checkpoints save and restore.
         noise = torch.randn_like(batch.action) * self.hparams.policy_noise
@@ -413,8 +414,8 @@ class TD3Module(pl.LightningModule):
         stop_reasons = self._read_events()
         if stop_reasons:
             raise NonFiniteTrainingError(
-                f"{stop_reasons[0]} (model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}) by env step "
-                f"{self.counters.env_steps}: stopping with a checkpoint of the last finite weights"
+                f"{stop_reasons[0]} (model.max_consecutive_nonfinite={self.hparams.max_consecutive_nonfinite}) by env "
+                f"step {self.counters.env_steps}: stopping with a checkpoint of the last finite weights"
             )
         metrics = self.window.flush()
         metrics.update(self.alert_metrics())

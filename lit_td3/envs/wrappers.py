@@ -101,7 +101,9 @@ def conform(env: gym.Env, frame_stack: int, image_size: int) -> gym.Env:
     obs_space, act_space = env.observation_space, env.action_space
     env_id = env.spec.id if env.spec else type(env.unwrapped).__name__
     if not isinstance(act_space, spaces.Box):
-        raise ValueError(f"data.env_id={env_id!r}: TD3 needs a continuous (Box) action space, got {act_space}")  # noqa: TRY004 (a config value: the CLI reports ValueErrors as bad input)
+        # A ValueError, not a TypeError: it is a bad config value, which the CLI reports as bad input (exit 2).
+        raise ValueError(  # noqa: TRY004
+            f"data.env_id={env_id!r}: TD3 needs a continuous (Box) action space, got {act_space}")
     if isinstance(obs_space, spaces.Dict):
         unknown = set(obs_space.spaces) - {"image", "vector"}
         if unknown:
