@@ -40,21 +40,28 @@ class DeviceEvents:
     def __init__(self) -> None:
         self.state: Tensor | None = None
 
-    def record(self, flag: Tensor, value: Tensor, step: Tensor) -> None:
-        """One update: ``flag`` (0-d bool) raised or not, with a ``value`` and the env ``step`` (0-d tensors)."""
+    def on(self, device: torch.device) -> Tensor:
+        """The state on ``device`` (made there, or moved there with its counts), for ``record_event``."""
         if self.state is None:
-            self.state = torch.tensor(_EMPTY, dtype=torch.float64, device=flag.device)
-        s = self.state
-        f = flag.to(s.dtype)
-        streak = (s[_STREAK] + 1.0) * f
-        first = flag & (s[_COUNT] == 0)
-        s.copy_(torch.stack([
-            s[_COUNT] + f,
-            streak,
-            torch.maximum(s[_LONGEST], streak),
-            torch.where(first, step.to(s.dtype), s[_FIRST_STEP]),
-            torch.where(first, value.to(s.dtype), s[_FIRST_VALUE]),
-        ]))
+            self.state = torch.tensor(_EMPTY, dtype=torch.float64, device=device)
+        elif self.state.device != device:
+            self.state = self.state.to(device)
+        return self.state
+
+
+def record_event(state: Tensor, flag: Tensor, value: Tensor, step: Tensor) -> None:
+    """One update into a ``DeviceEvents`` state: ``flag`` (0-d, true or 1.0 if raised) with a ``value`` and the env
+    ``step`` (0-d tensors). In place, in tensor operations only: it runs inside CUDA graphs and ``torch.compile``."""
+    f = (flag != 0).to(state.dtype)
+    streak = (state[_STREAK] + 1.0) * f
+    first = (f > 0) & (state[_COUNT] == 0)
+    state.copy_(torch.stack([
+        state[_COUNT] + f,
+        streak,
+        torch.maximum(state[_LONGEST], streak),
+        torch.where(first, step.to(state.dtype), state[_FIRST_STEP]),
+        torch.where(first, value.to(state.dtype), state[_FIRST_VALUE]),
+    ]))
 
 
 def read_events(events: Mapping[str, DeviceEvents]) -> dict[str, EventWindow]:

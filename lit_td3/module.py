@@ -12,6 +12,7 @@ The module never touches an env or the buffer: the rollout stream (``lit_td3.dat
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +33,7 @@ from lit_td3.graphs import FULL_PRECISIONS, GraphedStep, check_cuda_graphs
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
 from lit_td3.networks import Actor, NetworkConfig, TwinCritic, split_parameters
 from lit_td3.scalars import WindowMeans, log_scalars
+from lit_td3.telemetry import StepTelemetry
 
 
 @dataclass
@@ -139,10 +141,13 @@ class TD3Module(pl.LightningModule):
             network: Network sizes.
             log_every_n_env_steps: Env steps between log points; between them nothing leaves the GPU.
             max_consecutive_nonfinite: Consecutive non-finite updates (each skipped) that stop the run.
-            compile: Compile actor and critic with ``torch.compile`` (telemetry and clipping stay exact).
+            compile: Compile actor and critic with ``torch.compile`` (telemetry and clipping stay exact), and the
+                telemetry's arithmetic too (``lit_td3.telemetry``).
             cuda_graphs: Capture the critic step and the actor step (with the target update) as CUDA graphs and
                 replay them for each batch: the same kernels, clipping and telemetry, issued at once instead of one by
-                one from Python. Needs one CUDA device and precision 32-true or 64-true (``lit_td3.graphs``).
+                one from Python; the telemetry's arithmetic is compiled first (``lit_td3.telemetry``), so that its few
+                dozen scalar operations are a few fused kernels. Needs one CUDA device and precision 32-true or
+                64-true (``lit_td3.graphs``).
             observation_shapes: Filled from the env by the data module; set only to load a checkpoint by hand.
             action_dim: Filled from the env by the data module; set only to load a checkpoint by hand.
             reward_bound: r_max, the largest |reward| of one env step, if known; enables the Q-bound alert: an actor
@@ -185,6 +190,7 @@ class TD3Module(pl.LightningModule):
         self._q_over = False
         # Per-update flags counted on the device, read at log points (no host sync per update).
         self._events = {name: DeviceEvents() for name in ("nonfinite_critic", "nonfinite_actor", "q_bound")}
+        self._telemetry = StepTelemetry(fused=compile or cuda_graphs)
         self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step; on the device from train start
         self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
         if observation_shapes is not None and action_dim is not None:
@@ -318,52 +324,60 @@ class TD3Module(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Telemetry, non-finite guard and clipping, on gradients that are already unscaled."""
         opt = self._optimized[id(optimizer)]
-        norms = {
-            part: torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-            for part, params in opt.parts.items()
-            if params
-        }
-        total = torch.linalg.vector_norm(torch.stack(list(norms.values())))
-        self._guard(opt, optimizer, total)
-        telemetry = {f"gradients/{opt.name}_{part}_norm": norm for part, norm in norms.items()}
+        parts = {part: [p.grad for p in params if p.grad is not None] for part, params in opt.parts.items()}
+        parts = {part: grads for part, grads in parts.items() if grads}
+        grads = [g for part_grads in parts.values() for g in part_grads]
+        fn = self._telemetry
+        part_norms, total, nonfinite, clips = fn.step_statistics(
+            torch._foreach_norm(grads), [len(g) for g in parts.values()], self._guarded_loss(), opt.max_norm,
+            self._nonfinite_events(opt), self._env_step)
+        self._guard(opt, optimizer, nonfinite)
+        named_norms = {f"{opt.name}_{part}": part_norms[i] for i, part in enumerate(parts)}
+        telemetry = {f"gradients/{name}_norm": norm for name, norm in named_norms.items()}
         if self.clipping.enabled:
             self.clip_gradients(optimizer, gradient_clip_val=opt.max_norm, gradient_clip_algorithm="norm")
-            clipped = torch.nn.utils.get_total_norm([p.grad for g in optimizer.param_groups for p in g["params"]
-                                                     if p.grad is not None], foreach=True)
-            telemetry[f"gradients/{opt.name}_clip_fraction"] = (total > opt.max_norm).float()
+            telemetry[f"gradients/{opt.name}_norm_clipped"] = fn.total_norm(torch._foreach_norm(grads))
+            telemetry[f"gradients/{opt.name}_clip_fraction"] = clips
         else:
-            clipped = total
-        telemetry[f"gradients/{opt.name}_norm_clipped"] = clipped
-        self._step_telemetry = StepOutput(telemetry, {f"{opt.name}_{part}": norm for part, norm in norms.items()})
+            telemetry[f"gradients/{opt.name}_norm_clipped"] = total
+        self._step_telemetry = StepOutput(telemetry, named_norms)
 
-    def _guard(self, opt: _Optimized, optimizer: torch.optim.Optimizer, total: Tensor) -> None:
-        """Skips the step of a non-finite loss or gradient, and checks the Q bound; all on the device.
+    def _guarded_loss(self) -> Tensor:
+        """The loss the non-finite guard reads: this rank's, or under DDP the sum of all ranks' (non-finite if any
+        is), so that every rank flags the same steps: gradients are all-reduced, losses are each rank's own, and all
+        ranks must skip a step together or none, or the replicas' weights would part ways."""
+        if self.trainer.world_size == 1:
+            return self._loss
+        return self.trainer.strategy.reduce(self._loss.clone(), reduce_op="sum")  # all_reduce works in place
+
+    def _nonfinite_events(self, opt: _Optimized) -> Tensor | None:
+        """Where the guard counts ``opt``'s non-finite steps; None under a GradScaler (16-mixed), for which
+        infinite gradients are the scaler's business: it skips the step itself and lowers the scale."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return None
+        return self._events[f"nonfinite_{opt.name}"].on(self._loss.device)
+
+    def _guard(self, opt: _Optimized, optimizer: torch.optim.Optimizer, nonfinite: Tensor) -> None:
+        """Skips the step of a non-finite loss or gradient (``nonfinite`` 1.0), and checks the Q bound; all on the
+        device.
 
         Fused Adam skips a step whose ``found_inf`` is set: parameters, moments and step count stay as they were
         (under bf16-mixed, whose Adam is not fused, the skip is decided on the host).
         A non-finite TD target makes the critic's loss non-finite, so it is caught here too. The actor's loss is
-        -mean Q1(s, mu(s)), which the Q-bound alert reads. Under a GradScaler (16-mixed), infinite gradients are
-        the scaler's business: it skips the step itself and lowers the scale, so they are not counted. The flags
-        are counted on the device and read at log points (``_read_events``), where too long a run stops training.
+        -mean Q1(s, mu(s)), which the Q-bound alert reads. The flags are counted on the device (recorded with the
+        step's loss by ``step_statistics``) and read at log points (``_read_events``), where too long a run of them
+        stops training.
         """
-        loss = self._loss.float()
-        loss_bad = ~torch.isfinite(loss)
-        bad = loss_bad | ~torch.isfinite(total)
-        if self.trainer.world_size > 1:
-            # Gradients are all-reduced, losses are each rank's own: all ranks must skip together or none, or the
-            # replicas' weights would part ways.
-            bad = self.trainer.strategy.reduce(bad.float(), reduce_op="max") > 0
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             if optimizer.defaults["fused"]:
-                optimizer.found_inf = bad.float()
-            elif bad:  # bf16-mixed: no fused Adam under AMP, so this one step is decided on the host
+                optimizer.found_inf = nonfinite
+            elif nonfinite:  # bf16-mixed: no fused Adam under AMP, so this one step is decided on the host
                 for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.grad = None  # Adam skips parameters without a gradient: no step, no moment update
-            self._events[f"nonfinite_{opt.name}"].record(bad, loss_bad, self._env_step)
         if opt.name == "actor" and self._q_limit is not None:
-            q = -loss
-            self._events["q_bound"].record(q.abs() > self._q_limit, q, self._env_step)
+            self._telemetry.record_q_bound(self._events["q_bound"].on(self._loss.device), self._loss, self._q_limit,
+                                           self._env_step)
 
     def _read_events(self) -> list[str]:
         """Brings the device's event counts into the counters, with their warnings; returns the networks whose
@@ -380,7 +394,7 @@ class TD3Module(pl.LightningModule):
             if not window.count:
                 continue
             counters.nonfinite_steps += window.count
-            what = "loss" if window.first_value else "gradient norm"
+            what = "gradient norm" if math.isfinite(window.first_value) else "loss"  # the recorded value: the loss
             rank_zero_warn(f"lit_td3: non-finite {name} {what} at env step {window.first_step}: {name} update "
                            f"skipped, parameters unchanged ({window.count} skipped by env step {counters.env_steps}, "
                            f"{window.streak} in a row now)")

@@ -10,7 +10,8 @@ import torch
 from pytorch_lightning.plugins import MixedPrecision
 
 from lit_td3.module import GradientClipping, TD3Module
-from tests.conftest import fit_on_random_batches, make_module
+from lit_td3.networks import split_parameters
+from tests.conftest import EnvStepPerBatch, fit_on_random_batches, make_module
 
 
 class PostClipNorms(pl.Callback):
@@ -82,3 +83,43 @@ def test_clipping_off_leaves_large_gradients_alone() -> None:
     fit_on_random_batches(module, 3, callbacks=[probe], reward_scale=1e4)
     assert max(probe.critic) > 100.0
     assert probe.critic == pytest.approx(probe.pre_clip_critic, rel=1e-4)
+
+
+class IndependentNorms(pl.Callback):
+    """Per-part gradient norms computed here, before the module's hook clips (callbacks' hooks run first), and the
+    norms each network stepped with; next to what the module's telemetry said for the same batch."""
+
+    def __init__(self) -> None:
+        self.pre_clip: dict[str, float] = {}
+        self.rows: list[tuple[dict[str, float], dict[str, float], dict[str, float]]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: TD3Module, optimizer: object) -> None:
+        net = "actor" if optimizer is trainer.optimizers[0] else "critic"
+        for part, params in split_parameters(getattr(pl_module, net)).items():
+            self.pre_clip[f"{net}_{part}"] = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: TD3Module, *args: object) -> None:
+        stepped = {net: torch.nn.utils.get_total_norm([p.grad for p in getattr(pl_module, net).parameters()]).item()
+                   for net in ("actor", "critic")}
+        said = {part: float(norm) for part, norm in pl_module.last_gradient_norms.items()}
+        self.rows.append((self.pre_clip, said, {**pl_module.latest_metrics, **{f"stepped/{k}": v
+                                                                               for k, v in stepped.items()}}))
+        self.pre_clip = {}
+
+
+def test_telemetry_reports_the_norms_an_independent_computation_finds() -> None:
+    torch.manual_seed(0)
+    module = make_module(policy_freq=1, log_every_n_env_steps=1)  # a log point after every batch
+    probe = IndependentNorms()
+    fit_on_random_batches(module, 4, callbacks=[EnvStepPerBatch(), probe], reward_scale=1e2)
+    assert len(probe.rows) == 4
+    for pre_clip, said, logged in probe.rows:
+        assert said.keys() == pre_clip.keys() == {"actor_cnn", "actor_mlp", "critic_cnn", "critic_mlp"}
+        assert said == pytest.approx(pre_clip, rel=1e-5)
+        for net, limit in [("actor", 1.0), ("critic", 10.0)]:
+            total = math.hypot(pre_clip[f"{net}_cnn"], pre_clip[f"{net}_mlp"])
+            assert logged[f"gradients/{net}_cnn_norm"] == pytest.approx(pre_clip[f"{net}_cnn"], rel=1e-5)
+            assert logged[f"gradients/{net}_norm_clipped"] == pytest.approx(logged[f"stepped/{net}"], rel=1e-5)
+            assert logged[f"gradients/{net}_norm_clipped"] == pytest.approx(min(total, limit), rel=1e-4)
+            assert logged[f"gradients/{net}_clip_fraction"] == float(total > limit)
+    assert any(row[2]["gradients/critic_clip_fraction"] == 1.0 for row in probe.rows)  # clipping engaged

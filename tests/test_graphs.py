@@ -18,7 +18,12 @@ from callbacks import GradientAlertCallback
 from lit_td3.config import ConfigError
 from lit_td3.graphs import check_cuda_graphs
 from lit_td3.module import TD3Module
-from tests.conftest import fit_on_random_batches, make_module, random_batch
+from tests.conftest import (
+    EnvStepPerBatch,
+    fit_on_random_batches,
+    make_module,
+    random_batch,
+)
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
@@ -44,13 +49,6 @@ def test_cuda_graphs_are_refused_with_several_processes_or_mixed_precision() -> 
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
-class EnvStepPerBatch(pl.Callback):
-    """Pretends batch i comes at env step i + 1, so that the module reaches its log points."""
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: TD3Module, batch: Any, batch_idx: int) -> None:
-        pl_module.counters.env_steps = batch_idx + 1
-
-
 class CriticSnapshots(pl.Callback):
     def __init__(self) -> None:
         self.critic: list[list[torch.Tensor]] = []
@@ -81,9 +79,12 @@ def test_graphed_updates_match_eager_updates(deterministic_cudnn: Any) -> None:
     for graphs in (False, True):
         torch.manual_seed(0)
         module = make_module(policy_freq=2, cuda_graphs=graphs, log_every_n_env_steps=4)
-        trainer = fit_gpu(module, batches, [EnvStepPerBatch(), GradientAlertCallback(1.0, 10.0)])
-        runs[graphs] = module, trainer
-    (eager, eager_trainer), (graphed, graphed_trainer) = runs[False], runs[True]
+        alerts = GradientAlertCallback(1.0, 10.0)
+        trainer = fit_gpu(module, batches, [EnvStepPerBatch(), alerts])
+        runs[graphs] = module, trainer, alerts.counts
+    (eager, eager_trainer, eager_alerts), (graphed, graphed_trainer, graphed_alerts) = runs[False], runs[True]
+    assert graphed._telemetry.fused and not eager._telemetry.fused
+    assert graphed_alerts == eager_alerts and eager_alerts[("critic", "warning")] > 0
     # Captured after 3 eager warm-up calls each, then replayed: 16 critic and 8 actor updates.
     assert graphed._critic_step.graph is not None and graphed._critic_step.calls == 16
     assert graphed._actor_step.graph is not None and graphed._actor_step.calls == 8
