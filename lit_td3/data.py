@@ -335,8 +335,8 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.envs is not None:
-            self.envs.close()
-            self.envs = None
+            envs, self.envs = self.envs, None
+            close_vector_env(envs)
 
     # ----------------------------------------------------------------------------------------------- rollout
     def next_actions(self, agent: TD3Module) -> np.ndarray:
@@ -519,3 +519,27 @@ class RolloutDataModule(pl.LightningDataModule):
     def buffer_path(self, directory: str | os.PathLike) -> str:
         suffix = f"-rank{self.rank}" if self.world_size > 1 else ""
         return os.path.join(directory, f"replay_buffer{suffix}.pt")
+
+
+def close_vector_env(envs: gym.vector.VectorEnv) -> None:
+    """Closes the envs, also when their worker processes are already gone.
+
+    SLURM's preemption and ``timeout`` signal the whole process group: the env workers die of the SIGTERM while the
+    main process writes its checkpoint, and asking a dead worker to close raises a broken-pipe error. Then the workers
+    still alive are terminated instead of asked, and the pipes closed.
+    """
+    workers = getattr(envs, "processes", [])
+    if all(worker.is_alive() for worker in workers):
+        try:
+            envs.close()
+            return
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            pass  # a worker died while being asked: terminate the rest
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+        worker.join()
+    for pipe in getattr(envs, "parent_pipes", []):
+        if pipe is not None:
+            pipe.close()
+    envs.closed = True  # nothing left to close: gymnasium's __del__ must not try again

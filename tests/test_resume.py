@@ -70,10 +70,11 @@ def run_config(folder: Path, *, env_id: str, total: int, every: int, episode_ste
                             episode_steps=episode_steps, extra={"data": data or {}, "model": model or {}})
 
 
-def start(config: Path, *args: str, command: list[str] = CLI, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(config: Path, *args: str, command: list[str] = CLI, env: dict[str, str] | None = None,
+          own_process_group: bool = False) -> subprocess.Popen:
     return subprocess.Popen([*command, "fit", "--config", "configs/td3.yaml", "--config", str(config), *args],
                             cwd=REPO, env={**SUBPROCESS_ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=own_process_group)
 
 
 def finish(process: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -190,18 +191,24 @@ def test_resume_mid_episode_ends_the_cut_episode_as_truncated(tmp_path: Path) ->
     assert len(ReplayBuffer.from_file(checkpoints_of(config) / final["buffer_files"][0])) == 90
 
 
-def test_sigterm_saves_the_current_state_and_exits_non_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_saves_the_current_state_and_exits_non_zero(tmp_path: Path, to_the_group: bool) -> None:
+    # SLURM's preemption and `timeout` signal the whole process group, async env workers included.
     config = run_config(tmp_path, env_id="Pendulum-v1", total=5000, every=100, episode_steps=50, learning_starts=50,
-                        data={"async_envs": False, "eval_episodes": 0})
-    running = start(config)
+                        data={"async_envs": to_the_group, "num_envs": 2 if to_the_group else 1, "eval_episodes": 0})
+    running = start(config, own_process_group=to_the_group)
     while not (checkpoints_of(config) / "env_step=100.ckpt").exists():
         assert running.poll() is None, finish(running).stderr[-3000:]
         time.sleep(0.02)
     time.sleep(0.05)
-    running.send_signal(signal.SIGTERM)  # a scheduler's preemption
+    if to_the_group:
+        os.killpg(running.pid, signal.SIGTERM)
+    else:
+        running.send_signal(signal.SIGTERM)
     stopped = finish(running)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "SIGTERM received" in stopped.stderr
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]  # the env workers' teardown included
     state = load(checkpoints_of(config) / "last.ckpt")["lit_td3"]
     assert 100 < state["counters"]["env_steps"] < 5000
     assert state["buffer"]["env_step"] == state["counters"]["env_steps"]  # the buffer was written with it
