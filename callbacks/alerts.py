@@ -68,6 +68,7 @@ class GradientAlertCallback(pl.Callback):
         self.levels = {"warning": warning_threshold, "critical": critical_threshold}
         self.counts = {(net, level): 0 for net in NETWORKS for level in self.levels}
         self._windows: dict[str, _Window] = {}
+        self._thresholds: torch.Tensor | None = None
         self._above: dict[tuple[str, str], bool] = {}
         self._logged_at = -1
 
@@ -83,7 +84,7 @@ class GradientAlertCallback(pl.Callback):
             # One kernel, and a copy: a CUDA-graph replay overwrites the module's norms with the next update's.
             row = torch.stack([norms[part] for part in parts]).detach()
             if net not in self._windows:
-                self._windows[net] = _Window(parts, torch.tensor(list(self.levels.values()), device=row.device))
+                self._windows[net] = _Window(parts, self._thresholds_on(row.device))
             window = self._windows[net]
             window.rows.append(row)
             window.steps.append(pl_module.counters.env_steps)
@@ -92,6 +93,13 @@ class GradientAlertCallback(pl.Callback):
         if pl_module._logged_at != self._logged_at:  # the module just reached a log point: read the device once
             self._logged_at = pl_module._logged_at
             self._flush(trainer, pl_module)
+
+    def _thresholds_on(self, device: torch.device) -> torch.Tensor:
+        """The thresholds as a device tensor, made once: a new window after each log point must not copy them to
+        the device again."""
+        if self._thresholds is None or self._thresholds.device != device:
+            self._thresholds = torch.tensor(list(self.levels.values()), device=device)
+        return self._thresholds
 
     def _flush(self, trainer: pl.Trainer, pl_module: Any) -> None:
         peaks = []

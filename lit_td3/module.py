@@ -350,10 +350,14 @@ class TD3Module(pl.LightningModule):
             return self._loss
         return self.trainer.strategy.reduce(self._loss.clone(), reduce_op="sum")  # all_reduce works in place
 
+    def _scaler_skips_steps(self) -> bool:
+        """Under a GradScaler (16-mixed) infinite gradients are the scaler's business: it skips the step itself and
+        lowers the scale, so the guard neither skips nor counts them."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
     def _nonfinite_events(self, opt: _Optimized) -> Tensor | None:
-        """Where the guard counts ``opt``'s non-finite steps; None under a GradScaler (16-mixed), for which
-        infinite gradients are the scaler's business: it skips the step itself and lowers the scale."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        """Where the guard counts ``opt``'s non-finite steps; None where the GradScaler does (16-mixed)."""
+        if self._scaler_skips_steps():
             return None
         return self._events[f"nonfinite_{opt.name}"].on(self._loss.device)
 
@@ -368,7 +372,7 @@ class TD3Module(pl.LightningModule):
         step's loss by ``step_statistics``) and read at log points (``_read_events``), where too long a run of them
         stops training.
         """
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if not self._scaler_skips_steps():
             if optimizer.defaults["fused"]:
                 optimizer.found_inf = nonfinite
             elif nonfinite:  # bf16-mixed: no fused Adam under AMP, so this one step is decided on the host
