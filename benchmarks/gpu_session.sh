@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in BENCHMARKS.md and docs/example-report/, as they were run on the lent GPU machine
 # (Python 3.12 with torch and pytorch-lightning preinstalled; the other packages carried as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time, kernel census (one GPU)
+#   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time, kernel census, act time, buffer (one GPU)
 #   bash benchmarks/gpu_session.sh sb3 OUTDIR     # lit_td3 vs SB3, side by side (one GPU)
 #   bash benchmarks/gpu_session.sh sb3fast OUTDIR # the same, lit_td3 with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
@@ -26,6 +26,8 @@ case $part in
       --repeats 3 --iterations 150 --cudnn-benchmark
     run kernels python3 benchmarks/kernels.py --variants graphs,graphs_bare --updates 20 --cudnn-benchmark
     run kernels_eager python3 benchmarks/kernels.py --variants trained,bare --updates 20
+    run act_time python3 benchmarks/act_time.py --device cuda
+    run buffer_quick python3 benchmarks/buffer.py --quick
     ;;
   sb3)
     run compare_sb3 python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 --warmup-steps 100

@@ -145,6 +145,9 @@ class ReplayBuffer:
         self._frame_last_user = torch.empty(self._frame_capacity, dtype=torch.int64)
         self._episode_open = torch.zeros(self._num_envs, dtype=torch.bool)
         self._open_stack = torch.zeros(self._num_envs, stack, dtype=torch.int64)
+        # The frames _open_stack points at, kept on the host too: add() checks each env's new obs against them
+        # without reading the storage back (for a CUDA buffer that was a device-to-host copy, and a sync, per add).
+        self._open_frames = np.zeros((self._num_envs, *self._image_shape), np.uint8) if self._image_shape else None
         self._added = 0  # transitions ever added; transition t lives in slot t % capacity
         self._oldest = 0  # counter of the oldest transition still stored
         self._frames_added = 0  # frames ever written; frame g lives in slot g % frame_capacity
@@ -233,8 +236,9 @@ class ReplayBuffer:
         episode_open = self._episode_open.numpy()
         episode_open[:] = False
         episode_open[step.envs[~step.done]] = True
-        if stacks is not None:
+        if stacks is not None and self._open_frames is not None:
             self._open_stack.numpy()[step.envs] = stacks[:, 1:]
+            self._open_frames[step.envs] = step.next_obs[IMAGE]
 
     def mark_episode_boundary(self, env_ids: Sequence[int] | None = None) -> None:
         """Ends the open episode of the given envs (default: all), as if their last step had been truncated.
@@ -291,7 +295,7 @@ class ReplayBuffer:
                              "and needs frame-stacked observations")
         continuing = self._episode_open.numpy()[step.envs]
         envs = step.envs[continuing]
-        broken = _rows_differ(self._read_frames(self._open_stack.numpy()[envs]), image[continuing])
+        broken = _rows_differ(self._open_frames[envs], image[continuing])
         if broken.any():
             raise ValueError(f"obs['image'] of env(s) {envs[broken].tolist()} is not the next_obs['image'] those envs "
                              "gave at the previous add(): pass terminated or truncated for the step that ended an "
@@ -311,8 +315,7 @@ class ReplayBuffer:
         self._evict_users_of_frames(first, count)
         # Frame counters of this step, in order: env 0's fresh frames, env 1's, ..., then each env's newest frame.
         counters = np.arange(first, first + count)
-        self._write_rows(self._frames, counters % self._frame_capacity,
-                         np.concatenate([image[fresh], next_image[:, -1]]))
+        self._write_rows(self._frames, first, np.concatenate([image[fresh], next_image[:, -1]]))
         self._frames_added += count
         per_env = fresh.sum(1)
         # Each position of a new episode's stack shows the last fresh frame at or before it.
@@ -330,24 +333,34 @@ class ReplayBuffer:
             self._oldest = max(self._oldest, int(self._frame_last_user.numpy()[reused].max()) + 1)
 
     def _write_transitions(self, step: _Step, stacks: np.ndarray | None) -> None:
-        counters = np.arange(self._added, self._added + len(step.envs))
-        slots = counters % self._capacity
-        self._write_rows(self._action, slots, step.action)
-        self._write_rows(self._reward, slots, step.reward)
-        self._write_rows(self._terminated, slots, step.terminated)
+        first = self._added
+        counters = np.arange(first, first + len(step.envs))
+        self._write_rows(self._action, first, step.action)
+        self._write_rows(self._reward, first, step.reward)
+        self._write_rows(self._terminated, first, step.terminated)
         if self._vector is not None and self._next_vector is not None:
-            self._write_rows(self._vector, slots, step.obs[VECTOR])
-            self._write_rows(self._next_vector, slots, step.next_obs[VECTOR])
+            self._write_rows(self._vector, first, step.obs[VECTOR])
+            self._write_rows(self._next_vector, first, step.next_obs[VECTOR])
         if stacks is not None and self._stacks is not None:
-            self._write_rows(self._stacks, slots, stacks.astype(np.int32))
+            self._write_rows(self._stacks, first, stacks.astype(np.int32))
             self._frame_last_user.numpy()[stacks.reshape(-1)] = counters.repeat(stacks.shape[1])
         self._added += len(step.envs)
 
-    def _write_rows(self, target: torch.Tensor, slots: np.ndarray, rows: np.ndarray) -> None:
-        if self._device.type == "cpu":
-            target.numpy()[slots] = rows
-        else:
-            target.index_copy_(0, torch.from_numpy(slots).to(self._device), torch.from_numpy(rows).to(self._device))
+    def _write_rows(self, target: torch.Tensor, first: int, rows: np.ndarray) -> None:
+        """Writes ``rows`` to the ring ``target`` at counters ``first, first + 1, ...`` (slot = counter mod its
+        length), as at most two slices.
+
+        On a CUDA buffer each slice is one asynchronous copy from pinned memory: a copy from pageable memory would
+        wait for the GPU to finish all queued work (the learner's update) at every write.
+        """
+        start = first % len(target)
+        head = min(len(rows), len(target) - start)
+        for slots, part in [(slice(start, start + head), rows[:head]), (slice(0, len(rows) - head), rows[head:])]:
+            if len(part) and self._device.type == "cpu":
+                target.numpy()[slots] = part
+            elif len(part):
+                # The caching host allocator keeps the pinned block until the copy has run.
+                target[slots].copy_(torch.from_numpy(np.ascontiguousarray(part)).pin_memory(), non_blocking=True)
 
     def _read_frames(self, frame_slots: np.ndarray) -> np.ndarray:
         """Frames at [K, S] slots, as a [K, S, H, W] host array."""
@@ -457,6 +470,8 @@ class ReplayBuffer:
         for name, tensor in tensors.items():
             getattr(self, f"_{name}")[: len(tensor)].copy_(tensor)
         self._added, self._oldest, self._frames_added = added, oldest, frames_added
+        if self._open_frames is not None:
+            self._open_frames[:] = self._read_frames(self._open_stack.numpy())
         if generator_state is not None:
             self._generator.set_state(generator_state)
 

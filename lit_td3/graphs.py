@@ -59,7 +59,8 @@ class GraphedStep(Generic[Out]):
     its random numbers outside and passes them in, so that graphed and eager runs take the same ones.
     """
 
-    def __init__(self, step: Callable[[Any], Out], on_replay: Callable[[], None], warmup: int = 3) -> None:
+    def __init__(self, step: Callable[[Any], Out], on_replay: Callable[[], None] | None = None,
+                 warmup: int = 3) -> None:
         self.step, self.on_replay, self.warmup = step, on_replay, warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -72,7 +73,8 @@ class GraphedStep(Generic[Out]):
         if self.graph is not None:
             torch._foreach_copy_(self._inputs, pytree.tree_leaves(inputs))
             self.graph.replay()
-            self.on_replay()
+            if self.on_replay is not None:
+                self.on_replay()
             return self._outputs
         if self.calls <= self.warmup:
             return self._on_side_stream(lambda: self.step(*inputs))

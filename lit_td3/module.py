@@ -193,6 +193,7 @@ class TD3Module(pl.LightningModule):
         self._telemetry = StepTelemetry(fused=compile or cuda_graphs)
         self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step; on the device from train start
         self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
+        self._policy_graphs: dict[int, GraphedStep] = {}  # act()'s graphs under cuda_graphs, by batch size
         if observation_shapes is not None and action_dim is not None:
             self._build_networks(observation_shapes, action_dim)
 
@@ -224,7 +225,19 @@ class TD3Module(pl.LightningModule):
     def act(self, obs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Deterministic actions mu(s) for a batch of env observations (the stream adds the exploration noise)."""
         obs_t = {k: torch.as_tensor(v, device=self.device) for k, v in obs.items()}
-        return self.actor(obs_t).float().cpu().numpy()
+        return self._policy(obs_t).float().cpu().numpy()
+
+    def _policy(self, obs: Mapping[str, Tensor]) -> Tensor:
+        """mu(s); under ``model.cuda_graphs`` a CUDA-graph replay, one graph per batch size (the training envs',
+        evaluation's): a forward pass at a batch of one env is a few dozen small kernels, and the env step waits for
+        it (0.75 ms eager, 0.11 ms replayed on an H200). The graph reads the actor's weights where the optimizer
+        updates them in place, so it always acts with the current ones."""
+        if not (self.hparams.cuda_graphs and self.device.type == "cuda"):
+            return self.actor(obs)
+        batch_size = len(next(iter(obs.values())))
+        if batch_size not in self._policy_graphs:
+            self._policy_graphs[batch_size] = GraphedStep(self.actor)
+        return self._policy_graphs[batch_size](obs)
 
     # ------------------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

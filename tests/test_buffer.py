@@ -281,6 +281,31 @@ def test_batches_have_the_documented_dtypes_shapes_and_device(device: str) -> No
     assert {t.device.type for t in (batch.obs["image"], batch.next_obs["vector"], batch.action)} == {device}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_buffer_adds_and_samples_without_waiting_for_the_gpu() -> None:
+    """The rollout writes while the learner's update runs on the GPU: an add that synchronized (a pageable copy,
+    reading frames back) would make the env step wait for the update."""
+    scenario = Scenario(num_envs=2, stack=4, with_vector=True, padding="reset", capacity=12, ample_frames=True,
+                        plan=[[99, 99, TERMINATE] * 10, [99, TRUNCATE] * 15])
+    buffer, naive = scenario.make_buffer("cuda"), NaiveBuffer(scenario.capacity)
+    envs = scenario.make_envs()
+    obs, _ = envs.reset(seed=1)
+    for _ in range(30):  # wraps the transition ring twice
+        action = np.zeros((2, ACTION_DIM), np.float32)
+        next_obs, reward, terminated, truncated, infos = envs.step(action)
+        real_next = true_next_obs(next_obs, infos, terminated | truncated)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            buffer.add(obs, action, reward, real_next, terminated, truncated)
+            buffer.sample(len(buffer))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        naive.add(obs, action, reward, real_next, terminated, np.ones(2, bool))
+        obs = next_obs
+    envs.close()
+    assert_holds_newest(buffer, naive)
+
+
 def test_vector_only_buffer_keeps_obs_and_next_obs() -> None:
     buffer = ReplayBuffer(4, {"vector": (2,)}, 1, num_envs=2)
     rng = np.random.default_rng(0)

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -100,6 +101,25 @@ def test_graphed_updates_match_eager_updates(deterministic_cudnn: Any) -> None:
     assert any(k.startswith("gradients/actor_cnn") for k in graphed.latest_metrics)
     for key, value in eager.latest_metrics.items():
         assert math.isclose(graphed.latest_metrics[key], value, rel_tol=1e-3, abs_tol=1e-5), key
+
+
+@needs_gpu
+def test_the_graphed_policy_acts_as_the_eager_actor_with_its_current_weights(deterministic_cudnn: Any) -> None:
+    torch.manual_seed(0)
+    module = make_module(cuda_graphs=True).to("cuda")  # SMALL_IMAGE: a 4x36x36 image and a 3-vector
+    rng = np.random.default_rng(0)
+    for round_ in range(3):
+        for batch_size in (1, 3):  # evaluation's single env, the training envs
+            for _ in range(5):  # warm-up calls, the capture, replays
+                obs = {"image": rng.integers(0, 256, (batch_size, 4, 36, 36), dtype=np.uint8),
+                       "vector": rng.standard_normal((batch_size, 3)).astype(np.float32)}
+                with torch.no_grad():
+                    eager = module.actor({k: torch.as_tensor(v, device="cuda") for k, v in obs.items()}).cpu().numpy()
+                np.testing.assert_allclose(module.act(obs), eager, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # an optimizer step: in place, where the graphs read the weights
+            for p in module.actor.parameters():
+                p.mul_(0.9).add_(0.01 * (round_ + 1))
+    assert {n: g.graph is not None for n, g in module._policy_graphs.items()} == {1: True, 3: True}
 
 
 @needs_gpu
