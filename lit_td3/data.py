@@ -183,7 +183,8 @@ class RolloutDataModule(pl.LightningDataModule):
     ) -> None:
         """
         Args:
-            env_id: A registered gymnasium id (``CarRacing-v3``, ``Pendulum-v1``, ``lit_td3/CarlaLaneKeeping-v0``, ...).
+            env_id: A registered gymnasium id (``CarRacing-v3``, ``Pendulum-v1``, ``lit_td3/CarlaLaneKeeping-v0``, ...),
+                or ``module:id`` for an env that ``module`` registers when imported (``my_pkg.envs:MyEnv-v0``).
             env_kwargs: Keyword arguments for ``gymnasium.make`` (the CARLA env takes its server and scenario here).
             max_episode_steps: Time limit per episode (truncation, which bootstraps); ``null`` keeps the env's own.
             frame_stack: Frames per image observation (RGB envs are turned to grayscale and stacked).
@@ -407,8 +408,9 @@ class RolloutDataModule(pl.LightningDataModule):
             f"at env step {counters.env_steps}: transition discarded, episode ended as truncated "
             f"({counters.nonfinite_env_outputs} so far)", stacklevel=2
         )
-        log_scalars(self.trainer, {"alerts/nonfinite_env_outputs": float(counters.nonfinite_env_outputs)},
-                    counters.env_steps)
+        if self.world_size == 1:  # under DDP the count is all ranks' and known at log points (log_rollout_stats)
+            log_scalars(self.trainer, {"alerts/nonfinite_env_outputs": float(counters.nonfinite_env_outputs)},
+                        counters.env_steps)
 
     def _close_episode(self, i: int, info: dict[str, float], counters: Any) -> None:
         result = EpisodeResult(float(self._episode_returns[i]), int(self._episode_lengths[i]), info)
@@ -426,13 +428,15 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def log_rollout_stats(self, counters: Any) -> None:
         """Logs the episodes of every rank that ended since the last log point, each at its own env step, and the
-        stream's ``perf/*`` and buffer fill. A collective in a distributed run: all ranks reach it at the same env step.
+        stream's ``perf/*``, buffer fill and env outputs rejected. A collective in a distributed run: all ranks reach it
+        at the same env step.
 
         ``perf/env_steps_per_s`` counts the global env steps (the sum over ranks); stage times are the ranks' mean;
-        ``rollout/buffer_size`` is the sum of the shards.
+        ``rollout/buffer_size`` is the sum of the shards and ``alerts/nonfinite_env_outputs`` of the ranks' counts.
         """
         perf = self.timings.flush(counters.env_steps, counters.critic_updates)
-        ranks = gather_from_ranks(self.trainer, {"episodes": self._unlogged, "perf": perf, "buffer": len(self.buffer)})
+        ranks = gather_from_ranks(self.trainer, {"episodes": self._unlogged, "perf": perf, "buffer": len(self.buffer),
+                                                 "nonfinite": counters.nonfinite_env_outputs})
         self._unlogged = []
         # A scalar tag holds one value per step (TensorBoard and the report keep the last): the episodes that ended
         # at the same env step, in several envs or ranks, are logged as their mean and counted.
@@ -448,6 +452,7 @@ class RolloutDataModule(pl.LightningDataModule):
         metrics = {k: float(np.mean([r["perf"].get(k, np.nan) for r in ranks])) for k in perf}
         metrics["perf/env_steps_per_s"] = perf["perf/env_steps_per_s"]
         metrics["rollout/buffer_size"] = float(sum(r["buffer"] for r in ranks))
+        metrics["alerts/nonfinite_env_outputs"] = float(sum(r["nonfinite"] for r in ranks))
         log_scalars(self.trainer, metrics, counters.env_steps)
 
     # ----------------------------------------------------------------------------------------------- evaluation

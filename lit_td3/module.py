@@ -429,10 +429,10 @@ class TD3Module(pl.LightningModule):
         return stop_reasons
 
     def alert_metrics(self) -> dict[str, float]:
-        """The running fault counts, logged at every log point as ``alerts/*``."""
+        """The learner's running fault counts, logged at every log point as ``alerts/*`` (the env outputs rejected,
+        ``alerts/nonfinite_env_outputs``, are the rollout stream's: ``RolloutDataModule.log_rollout_stats``)."""
         return {
             "alerts/nonfinite_steps": float(self.counters.nonfinite_steps),
-            "alerts/nonfinite_env_outputs": float(self.counters.nonfinite_env_outputs),
             "alerts/q_bound": float(self.counters.q_bound_alerts),
         }
 

@@ -129,16 +129,36 @@ def test_print_config_runs_as_is(tmp_path: Path) -> None:
     config = small_run_config(tmp_path, every=100, env_id="Pendulum-v1", total=120, learning_starts=60,
                               episode_steps=60, extra={"data": {"batch_size": 16}})
     printed = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
-                      "--model.gradient_clipping.actor_max_norm", "5.0", "--print_config")
+                      "--model.gradient_clipping.actor_max_norm", "5.0", "--float32_matmul_precision", "high",
+                      "--print_config")
     assert printed.returncode == 0, printed.stderr[-3000:]
     resolved = yaml.safe_load(printed.stdout)
     assert resolved["model"]["gradient_clipping"]["actor_max_norm"] == 5.0
+    assert resolved["float32_matmul_precision"] == "high"
     assert resolved["data"]["env_id"] == "Pendulum-v1"
     (tmp_path / "printed.yaml").write_text(printed.stdout)
     run = lit_td3("fit", "--config", str(tmp_path / "printed.yaml"))
     assert run.returncode == 0, run.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"] == resolved["model"] and saved["data"] == resolved["data"]
+    assert saved["float32_matmul_precision"] == "high"
+
+
+def test_float32_matmul_precision_is_set_before_anything_is_built(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from lit_td3.cli import TD3CLI
+
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything's; later subprocesses must not inherit them
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        for value in ("high", "medium", "highest"):
+            cli = TD3CLI(args=["--config", str(REPO / "configs" / "td3.yaml"), "--trainer.default_root_dir",
+                               str(tmp_path / "run"), "--float32_matmul_precision", value], run=False)
+            assert torch.get_float32_matmul_precision() == value
+            assert not hasattr(cli.model, "actor")  # set before the networks exist
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_progress_bar_counts_env_steps_and_one_switch_turns_it_off(tmp_path: Path) -> None:

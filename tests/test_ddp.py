@@ -9,6 +9,7 @@ import yaml
 
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, small_run_config
+from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
 
@@ -69,3 +70,21 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) 
                      "--ckpt_path", "last")
     assert single.returncode == 2
     assert "2 rank(s)" in single.stderr and "1" in single.stderr
+
+
+def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Path) -> None:
+    # "module:id": each rank imports the module that registers the faulty env, as gymnasium.make does
+    config = small_run_config(tmp_path, every=100, env_id=f"tests.test_faults:{FAULTY_ENV_ID}", total=200,
+                              learning_starts=100, episode_steps=50,
+                              extra={"data": {"async_envs": False, "eval_episodes": 0,
+                                              "env_kwargs": {"nan_reward_at": [30], "faulty_envs": [1]}}})
+    done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *DDP, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # only rank 1's env faults, at its 30th step: global env step 60 (both ranks step in lockstep)
+    assert env_steps_named(done.stderr, "env 1 returned a non-finite reward") == [60]
+    assert env_steps_named(done.stderr, "env 0 returned a non-finite") == []
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [r["counters"]["nonfinite_env_outputs"] for r in saved["lit_td3"]["ranks"]] == [0, 1]
+    count = load_run(tmp_path / "run")["alerts/nonfinite_env_outputs"]  # rank 0 writes the sum over ranks
+    assert count.values[count.steps < 60].tolist() == [0.0] * int((count.steps < 60).sum())
+    assert count.values[count.steps >= 60].tolist() == [1.0] * int((count.steps >= 60).sum()) != []

@@ -33,13 +33,17 @@ VECTOR = {"vector": [3]}
 
 class FaultyPendulum(gym.Wrapper):
     """Pendulum-v1 with rewards scaled by ``reward_scale`` and NaN rewards / observations at the given env steps
-    (counted over the env's whole life, as lit_td3 counts env steps)."""
+    (counted over the env's whole life, as lit_td3 counts env steps), in the envs of ``faulty_envs`` (global env
+    indices: rank * num_envs + slot; default all)."""
 
     def __init__(self, reward_scale: float = 1.0, nan_reward_at: list[int] | None = None,
-                 nan_obs_at: list[int] | None = None) -> None:
+                 nan_obs_at: list[int] | None = None, env_index: int = 0,
+                 faulty_envs: list[int] | None = None) -> None:
         super().__init__(PendulumEnv())
         self.reward_scale, self.steps = reward_scale, 0
-        self.nan_reward_at, self.nan_obs_at = set(nan_reward_at or []), set(nan_obs_at or [])
+        faulty = faulty_envs is None or env_index in faulty_envs
+        self.nan_reward_at = set(nan_reward_at or []) if faulty else set()
+        self.nan_obs_at = set(nan_obs_at or []) if faulty else set()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         obs, reward, terminated, truncated, info = self.env.step(action)
@@ -51,7 +55,7 @@ class FaultyPendulum(gym.Wrapper):
 
 
 if FAULTY_ENV_ID not in gym.registry:
-    gym.register(FAULTY_ENV_ID, entry_point=FaultyPendulum, max_episode_steps=200)
+    gym.register(FAULTY_ENV_ID, entry_point=FaultyPendulum, max_episode_steps=200, kwargs={"env_index": 0})
 
 
 def faulty_config(folder: Path, *, total: int, env_kwargs: dict[str, Any], model: dict[str, Any] | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""The env factory: any registered gymnasium id, made to lit_td3's conventions (see ``wrappers``).
+"""The env factory: any registered gymnasium id (or ``module:id``, whose module registers it), made to lit_td3's
+conventions (see ``wrappers``).
 
 CARLA registers its own id here without importing the ``carla`` client: the env imports it when it connects.
 """
@@ -6,6 +7,7 @@ CARLA registers its own id here without importing the ``carla`` client: the env 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +24,24 @@ if CARLA_ENV_ID not in gym.registry:
 __all__ = ["CARLA_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
 
 
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The registered spec of ``env_id``; ``"module:id"`` imports ``module`` first, as ``gymnasium.make`` does, so
+    that an env registered by the user's own package exists in every process that builds one (env workers, DDP
+    ranks)."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"data.env_id={env_id!r}: module {module!r} cannot be imported ({err}); the part "
+                             "before ':' must be an importable module that registers the env") from None
+    return gym.spec(name)
+
+
 def check_env_id(env_id: str) -> None:
     """Fails with gymnasium's own suggestion ("Did you mean ...") for an unknown id, without building the env."""
     try:
-        gym.spec(env_id)
+        env_spec(env_id)
     except gym.error.Error as err:
         raise ValueError(f"data.env_id={env_id!r} is not a registered gymnasium env: {err}") from None
 
@@ -46,7 +62,7 @@ def make_env(
     ``env_index`` is the env's global index over all ranks and vector slots; envs that take it (CARLA: its ports are
     offset by it) receive it, others never see it.
     """
-    spec = gym.spec(env_id)
+    spec = env_spec(env_id)
     kwargs = dict(env_kwargs or {})
     if "env_index" in spec.kwargs:
         kwargs["env_index"] = env_index
