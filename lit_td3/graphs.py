@@ -1,10 +1,12 @@
-"""CUDA-graph capture of the TD3 update steps (``model.cuda_graphs: true``).
+"""CUDA-graph capture of the TD3 update steps, and of the policy step that acts in the envs (``model.cuda_graphs:
+true``).
 
 An update of these small networks is launch-bound: a GPU runs the few hundred kernels of a critic and an actor step
 faster than Python and Lightning can issue them. Captured as a CUDA graph, one ``replay()`` issues them all. What a
 step does is unchanged: the same ``manual_backward``, ``clip_gradients`` in ``on_before_optimizer_step``, gradient
 telemetry, non-finite guard and fused Adam ran once, during capture, and each replay repeats their kernels on the
-new batch. The rules capture imposes, and how lit_td3 keeps them:
+new batch. The policy step (``TD3Module.act``: mu(s) for the envs' newest observations, which each env step waits
+for) is captured the same way, one graph per batch size. The rules capture imposes, and how lit_td3 keeps them:
 
 - Static memory: each batch is copied into input tensors the graph owns, and the outputs (losses, norms) are
   overwritten in place by the next replay, so callers read them before that.
