@@ -230,8 +230,8 @@ class TD3Module(pl.LightningModule):
     def _policy(self, obs: Mapping[str, Tensor]) -> Tensor:
         """mu(s); under ``model.cuda_graphs`` a CUDA-graph replay, one graph per batch size (the training envs',
         evaluation's): a forward pass at a batch of one env is a few dozen small kernels, and the env step waits for
-        it (0.36 ms eager, 0.12 ms replayed on an H200: ``benchmarks/act_time.py``). The graph reads the actor's weights where the optimizer
-        updates them in place, so it always acts with the current ones."""
+        it (0.36 ms eager, 0.12 ms replayed on an H200: ``benchmarks/act_time.py``). The graph reads the actor's
+        weights where the optimizer updates them in place, so it always acts with the current ones."""
         if not (self.hparams.cuda_graphs and self.device.type == "cuda"):
             return self.actor(obs)
         batch_size = len(next(iter(obs.values())))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import pytest
 import pytorch_lightning as pl
@@ -83,3 +85,17 @@ def fit_on_random_batches(module: TD3Module, count: int, *, callbacks: list[pl.C
 def small_module() -> TD3Module:
     torch.manual_seed(0)
     return make_module()
+
+
+def assert_same_training(reference: TD3Module, candidate: TD3Module) -> None:
+    """Two modules trained on the same batches from the same seed (eager and graphed, eager and compiled) ended with
+    the same counters, the same weights under the same checkpoint keys, and the same window means at the last log
+    point (losses, Q statistics, gradient norms of every part)."""
+    assert asdict(candidate.counters) == asdict(reference.counters)
+    assert list(candidate.state_dict()) == list(reference.state_dict())
+    for (name, a), b in zip(reference.state_dict().items(), candidate.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert candidate.latest_metrics.keys() == reference.latest_metrics.keys()
+    assert any(k.startswith("gradients/actor_cnn") for k in candidate.latest_metrics)
+    for key, value in reference.latest_metrics.items():
+        assert math.isclose(candidate.latest_metrics[key], value, rel_tol=1e-3, abs_tol=1e-5), key

@@ -77,7 +77,8 @@ def no_envs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--data.env_id", "no_such_pkg.envs:MyEnv-v0"],
          "data.env_id='no_such_pkg.envs:MyEnv-v0': module 'no_such_pkg.envs' cannot be imported"),
         (["--data.env_id", "lit_td3.envs:Pendulm-v1"],  # the module imports, the id is still unknown
-         "data.env_id='lit_td3.envs:Pendulm-v1' is not a registered gymnasium env: Environment `Pendulm` doesn't exist"),
+         ("data.env_id='lit_td3.envs:Pendulm-v1' is not a registered gymnasium env: "
+          "Environment `Pendulm` doesn't exist")),
         (["--float32_matmul_precision", "low"], 'Parser key "float32_matmul_precision"'),
         (["--ckpt_path", "/no/such/run/last.ckpt"], "checkpoint '/no/such/run/last.ckpt' does not exist"),
         (["--model.cuda_graphs", "true", "--trainer.accelerator", "cpu"],

@@ -8,11 +8,12 @@ given, full stacks and all, so it cannot share a bug with the buffer under test.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,8 +184,13 @@ def assert_holds_newest(buffer: ReplayBuffer, naive: NaiveBuffer) -> None:
                                       err_msg=field)
 
 
-def drive(scenario: Scenario, device: str, check_every_step: bool = True) -> tuple[ReplayBuffer, NaiveBuffer, int]:
-    """Runs the scenario's envs, feeding both buffers; returns them and the rows of the last add."""
+AroundAdd = Callable[[ReplayBuffer], contextlib.AbstractContextManager[None]]
+
+
+def drive(scenario: Scenario, device: str, check_every_step: bool = True,
+          around_add: AroundAdd = lambda _: contextlib.nullcontext()) -> tuple[ReplayBuffer, NaiveBuffer, int]:
+    """Runs the scenario's envs, feeding both buffers; returns them and the rows of the last add. Each ``add`` runs
+    inside ``around_add(buffer)``."""
     buffer, naive = scenario.make_buffer(device), NaiveBuffer(scenario.capacity)
     envs = scenario.make_envs()
     rng = np.random.default_rng(scenario.seed)
@@ -200,7 +206,8 @@ def drive(scenario: Scenario, device: str, check_every_step: bool = True) -> tup
         next_obs, reward, terminated, truncated, infos = envs.step(action)
         real_next = true_next_obs(next_obs, infos, terminated | truncated)
         valid = np.array([plan[k] not in (DISCARD, DISCARD_TRUNCATE) for plan in scenario.plan])
-        buffer.add(obs, action, reward, real_next, terminated, truncated, valid=valid)
+        with around_add(buffer):
+            buffer.add(obs, action, reward, real_next, terminated, truncated, valid=valid)
         naive.add(obs, action, reward, real_next, terminated, valid)
         last_rows = int(valid.sum())
         if check_every_step:
@@ -285,25 +292,20 @@ def test_batches_have_the_documented_dtypes_shapes_and_device(device: str) -> No
 def test_cuda_buffer_adds_and_samples_without_waiting_for_the_gpu() -> None:
     """The rollout writes while the learner's update runs on the GPU: an add that synchronized (a pageable copy,
     reading frames back) would make the env step wait for the update."""
-    scenario = Scenario(num_envs=2, stack=4, with_vector=True, padding="reset", capacity=12, ample_frames=True,
-                        plan=[[99, 99, TERMINATE] * 10, [99, TRUNCATE] * 15])
-    buffer, naive = scenario.make_buffer("cuda"), NaiveBuffer(scenario.capacity)
-    envs = scenario.make_envs()
-    obs, _ = envs.reset(seed=1)
-    for _ in range(30):  # wraps the transition ring twice
-        action = np.zeros((2, ACTION_DIM), np.float32)
-        next_obs, reward, terminated, truncated, infos = envs.step(action)
-        real_next = true_next_obs(next_obs, infos, terminated | truncated)
+    @contextlib.contextmanager
+    def no_sync_allowed(buffer: ReplayBuffer) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode("error")
         try:
-            buffer.add(obs, action, reward, real_next, terminated, truncated)
+            yield  # the add
             buffer.sample(len(buffer))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        naive.add(obs, action, reward, real_next, terminated, np.ones(2, bool))
-        obs = next_obs
-    envs.close()
-    assert_holds_newest(buffer, naive)
+
+    # 30 steps of 2 envs wrap the 12-transition ring several times; drive compares with the naive buffer each step.
+    scenario = Scenario(num_envs=2, stack=4, with_vector=True, padding="reset", capacity=12, ample_frames=True,
+                        plan=[[99, 99, TERMINATE] * 10, [99, TRUNCATE] * 15])
+    buffer, naive, _ = drive(scenario, "cuda", around_add=no_sync_allowed)
+    assert naive.total == 60 and len(buffer) == 12
 
 
 def test_vector_only_buffer_keeps_obs_and_next_obs() -> None:
