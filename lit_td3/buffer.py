@@ -18,10 +18,11 @@ that were overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -148,6 +149,7 @@ class ReplayBuffer:
         # The frames _open_stack points at, kept on the host too: add() checks each env's new obs against them
         # without reading the storage back (for a CUDA buffer that was a device-to-host copy, and a sync, per add).
         self._open_frames = np.zeros((self._num_envs, *self._image_shape), np.uint8) if self._image_shape else None
+        self._staging = _PinnedStaging(self._max_add_nbytes(), self._device) if self._device.type == "cuda" else None
         self._added = 0  # transitions ever added; transition t lives in slot t % capacity
         self._oldest = 0  # counter of the oldest transition still stored
         self._frames_added = 0  # frames ever written; frame g lives in slot g % frame_capacity
@@ -231,8 +233,9 @@ class ReplayBuffer:
         if self._image_shape:
             self._check_frame_stacking(step)
         self._evict_for(len(step.envs))
-        stacks = self._write_frames(step) if self._image_shape else None
-        self._write_transitions(step, stacks)
+        with self._staging.round() if self._staging is not None else contextlib.nullcontext():
+            stacks = self._write_frames(step) if self._image_shape else None
+            self._write_transitions(step, stacks)
         episode_open = self._episode_open.numpy()
         episode_open[:] = False
         episode_open[step.envs[~step.done]] = True
@@ -350,17 +353,24 @@ class ReplayBuffer:
         """Writes ``rows`` to the ring ``target`` at counters ``first, first + 1, ...`` (slot = counter mod its
         length), as at most two slices.
 
-        On a CUDA buffer each slice is one asynchronous copy from pinned memory: a copy from pageable memory would
-        wait for the GPU to finish all queued work (the learner's update) at every write.
+        On a CUDA buffer each slice is one asynchronous copy from the pinned staging area (``_PinnedStaging``).
         """
         start = first % len(target)
         head = min(len(rows), len(target) - start)
-        for slots, part in [(slice(start, start + head), rows[:head]), (slice(0, len(rows) - head), rows[head:])]:
-            if len(part) and self._device.type == "cpu":
+        source = rows if self._staging is None or not len(rows) else self._staging.stage(rows, target.dtype)
+        for slots, part in [(slice(start, start + head), source[:head]), (slice(0, len(rows) - head), source[head:])]:
+            if len(part) and self._staging is None:
                 target.numpy()[slots] = part
             elif len(part):
-                # The caching host allocator keeps the pinned block until the copy has run.
-                target[slots].copy_(torch.from_numpy(np.ascontiguousarray(part)).pin_memory(), non_blocking=True)
+                target[slots].copy_(part, non_blocking=True)
+
+    def _max_add_nbytes(self) -> int:
+        """Bytes of the rows one ``add`` writes at most: each env's transition and, per env, the S frames of a new
+        episode's first stack plus its newest frame."""
+        row_nbytes = [self._action[0].nbytes, self._reward[0].nbytes, self._terminated[0].nbytes]
+        row_nbytes += [t[0].nbytes for t in (self._vector, self._next_vector, self._stacks) if t is not None]
+        frames_nbytes = (self._image_shape[0] + 1) * self._frames[0].nbytes if self._frames is not None else 0
+        return self._num_envs * (sum(row_nbytes) + frames_nbytes) + _PinnedStaging.ALIGN * (len(row_nbytes) + 1)
 
     def _read_frames(self, frame_slots: np.ndarray) -> np.ndarray:
         """Frames at [K, S] slots, as a [K, S, H, W] host array."""
@@ -596,6 +606,52 @@ class ReplayBuffer:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+class _PinnedStaging:
+    """Pinned host memory that one ``add``'s rows pass through on their way to a CUDA buffer: two areas, used in
+    turn.
+
+    A copy to the GPU from pageable memory waits for all queued GPU work (the learner's update) first. Pinning each
+    write anew (``Tensor.pin_memory()``) avoids that wait but goes through torch's caching host allocator every time:
+    in a graphed 8-env run that made the learning phase slower than pageable copies did (339 against 547 env-steps/s,
+    ``benchmarks/env_scaling.py`` on an H200). An area is refilled only after the copies out of it have run: an event
+    recorded behind them is waited for, and since the other area took the add in between, it has normally passed.
+    """
+
+    ALIGN = 64
+    """Byte alignment of each staged array (a float32 or int32 view of the area needs at least 4)."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self._device = device
+        self._areas = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = self._used = 0
+
+    @contextlib.contextmanager
+    def round(self) -> Iterator[None]:
+        """One ``add``: stages into the area whose copies are the older, and marks where its copies end on the
+        stream, also when the add fails half-way (copies already issued still read the area)."""
+        self._turn, self._used = 1 - self._turn, 0
+        copied = self._copied[self._turn]
+        if copied is not None and not copied.query():
+            copied.synchronize()
+        try:
+            yield
+        finally:
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record(torch.cuda.current_stream(self._device))
+
+    def stage(self, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned copy of ``rows`` as ``dtype``, valid until this area's next round."""
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        end = start + rows.size * dtype.itemsize
+        area = self._areas[self._turn]
+        assert end <= len(area), f"add() staged {end} bytes, more than the {len(area)} it was sized for"
+        staged = area[start:end].view(dtype).view(rows.shape)
+        staged.numpy()[...] = rows
+        self._used = end
+        return staged
+
+
 def _default_spare_frames(capacity: int) -> int:
     return capacity // 100  # one first frame per 100 transitions: no loss for episodes of 100 steps or more
 

@@ -308,6 +308,24 @@ def test_cuda_buffer_adds_and_samples_without_waiting_for_the_gpu() -> None:
     assert naive.total == 60 and len(buffer) == 12
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_buffer_rows_survive_a_gpu_that_lags_behind_the_adds() -> None:
+    """An add's rows reach the GPU from a pinned staging area that the add after next refills. With a long kernel
+    queued before every add, the host runs several adds ahead of the copies; each copy must still carry its own
+    rows, not a later add's."""
+    @contextlib.contextmanager
+    def gpu_lagging(_: ReplayBuffer) -> Iterator[None]:
+        torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time queued ahead of this add's copies
+        yield
+
+    # No wrap-around (capacity 80 > 2 x 30 transitions): at the end every add's rows are still stored and compared.
+    scenario = Scenario(num_envs=2, stack=4, with_vector=True, padding="reset", capacity=80, ample_frames=True,
+                        plan=[[99, 99, TERMINATE] * 10, [99, TRUNCATE] * 15])
+    buffer, naive, _ = drive(scenario, "cuda", check_every_step=False, around_add=gpu_lagging)
+    assert len(buffer) == naive.total == 60
+    assert_holds_newest(buffer, naive)
+
+
 def test_vector_only_buffer_keeps_obs_and_next_obs() -> None:
     buffer = ReplayBuffer(4, {"vector": (2,)}, 1, num_envs=2)
     rng = np.random.default_rng(0)
