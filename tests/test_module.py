@@ -167,3 +167,46 @@ def test_compiled_updates_match_eager_updates_with_their_telemetry() -> None:
     assert compiled_alerts == eager_alerts and eager_alerts[("critic", "warning")] > 0
     assert compiled_trainer.global_step == eager_trainer.global_step == 8 + 4
     assert_same_training(eager, compiled)  # compiled in place: the checkpoint keys stay eager's too
+
+
+def test_a_cpu_run_keeps_its_convolutions_channels_last() -> None:
+    torch.manual_seed(0)
+    module = make_module()
+    fit_on_random_batches(module, 4)
+    convolutions = [p for p in module.parameters() if p.dim() == 4]
+    assert len(convolutions) == 4 * 3  # NatureCNN's three, in the actor, critic and both targets
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert all(not p.is_contiguous() for p in convolutions)  # really re-laid, not 1x1 kernels that are both
+
+
+def test_resume_from_optimizer_state_of_another_layout_equals_a_resume_from_the_same_layout(tmp_path) -> None:
+    """A checkpoint whose Adam moments are NCHW (as a GPU run writes them) resumed on the CPU, where the convolutions
+    are channels_last, continues exactly as the same checkpoint with channels_last moments: the moments take the
+    parameters' layout (without that, fused Adam pairs the wrong elements and the weights drift)."""
+    batches = [random_batch(SMALL_IMAGE, 2, seed=i) for i in range(12)]
+
+    def fit(module: TD3Module, part: list, ckpt_path: object = None) -> None:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2 if ckpt_path else 1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(part, batch_size=None), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "channels_last.ckpt")
+
+    torch.manual_seed(0)
+    fit(make_module(policy_freq=2), batches[:6])
+    checkpoint = torch.load(tmp_path / "channels_last.ckpt", weights_only=False)
+    relaid = 0
+    for optimizer in checkpoint["optimizer_states"]:
+        for state in optimizer["state"].values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() == 4:
+                    assert value.is_contiguous(memory_format=torch.channels_last)
+                    state[key], relaid = value.contiguous(), relaid + 1
+    assert relaid == 2 * 2 * 3  # exp_avg and exp_avg_sq of the actor's and the critic's three convolutions
+    torch.save(checkpoint, tmp_path / "nchw.ckpt")
+    same_layout, other_layout = make_module(policy_freq=2), make_module(policy_freq=2)
+    fit(same_layout, batches[6:], tmp_path / "channels_last.ckpt")
+    fit(other_layout, batches[6:], tmp_path / "nchw.ckpt")
+    assert other_layout.counters.critic_updates == same_layout.counters.critic_updates == 12
+    for (name, a), b in zip(same_layout.state_dict().items(), other_layout.state_dict().values()):
+        assert torch.equal(a, b), name
