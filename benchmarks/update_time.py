@@ -17,6 +17,8 @@ Variants (networks and hyperparameters from configs/td3.yaml):
 - ``model.cuda_graphs: true`` (CUDA only), as trained and bare: the cost of clipping + telemetry when the update is
   replayed as CUDA graphs;
 - reference: the same networks, losses and optimizers in a plain PyTorch loop, without Lightning or telemetry.
+  Its convolutions keep PyTorch's default NCHW layout; on the CPU a fit re-lays them channels_last
+  (``TD3Module.setup``), so there the difference also holds what that layout gains.
 
 On CUDA it also counts the host-device synchronizations one as-trained batch makes (eager and graphed), and where
 they come from.
