@@ -221,7 +221,8 @@ class TD3Module(pl.LightningModule):
             dm = self.trainer.datamodule
             self._build_networks(dm.observation_shapes, dm.action_dim)
         if self.trainer.strategy.root_device.type == "cpu":
-            # oneDNN's CPU convolutions run faster on NHWC weights (a CPU pixel update: about 10%, update_time.py).
+            # oneDNN's CPU convolutions run faster on NHWC weights: a CPU pixel update went from 5% slower than the
+            # plain NCHW loop of update_time.py to 9% faster (BENCHMARKS.md).
             # The GPU keeps cuDNN's NCHW, whose timings BENCHMARKS.md records.
             self.to(memory_format=torch.channels_last)
 
