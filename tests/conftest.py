@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
 import pytest
@@ -78,6 +78,16 @@ def fit_on_random_batches(module: TD3Module, count: int, *, callbacks: list[pl.C
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **trainer_kwargs,
     )
     trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def fit_batches(module: TD3Module, batches: list[Transition], callbacks: Sequence[pl.Callback] = (), *,
+                accelerator: str = "cpu", epochs: int = 1, ckpt_path: object = None) -> pl.Trainer:
+    """Trains ``module`` on ``batches`` (one per training step, every epoch), from ``ckpt_path`` when given."""
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
 

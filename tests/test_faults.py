@@ -18,12 +18,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from gymnasium.envs.classic_control.pendulum import PendulumEnv
-from torch.utils.data import DataLoader
 
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.module import NonFiniteTrainingError, TD3Module
 from lit_td3.report import load_run
-from tests.conftest import make_module, random_batch
+from tests.conftest import fit_batches, make_module, random_batch
 from tests.test_resume import checkpoints_of, fit, load, run_config
 
 FAULTY_ENV_ID = "lit_td3_test/FaultyPendulum-v0"
@@ -83,13 +82,6 @@ class Snapshots(pl.Callback):
         self.critic.append([p.detach().clone() for p in pl_module.critic.parameters()])
         critic_opt = trainer.optimizers[1]
         self.adam_steps.append(float(critic_opt.state[next(pl_module.critic.parameters())].get("step", 0)))
-
-
-def fit_batches(module: TD3Module, batches: list[Any], callbacks: list[pl.Callback]) -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    return trainer
 
 
 def test_a_nonfinite_loss_skips_that_update_and_names_network_and_env_step() -> None:

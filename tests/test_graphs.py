@@ -21,6 +21,7 @@ from lit_td3.module import TD3Module
 from tests.conftest import (
     EnvStepPerBatch,
     assert_same_training,
+    fit_batches,
     fit_on_random_batches,
     make_module,
     random_batch,
@@ -58,13 +59,6 @@ class CriticSnapshots(pl.Callback):
         self.critic.append([p.detach().clone() for p in pl_module.critic.parameters()])
 
 
-def fit_gpu(module: TD3Module, batches: list[Any], callbacks: list[pl.Callback]) -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    return trainer
-
-
 @pytest.fixture
 def deterministic_cudnn() -> Any:
     before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
@@ -81,7 +75,7 @@ def test_graphed_updates_match_eager_updates(deterministic_cudnn: Any) -> None:
         torch.manual_seed(0)
         module = make_module(policy_freq=2, cuda_graphs=graphs, log_every_n_env_steps=4)
         alerts = GradientAlertCallback(1.0, 10.0)
-        trainer = fit_gpu(module, batches, [EnvStepPerBatch(), alerts])
+        trainer = fit_batches(module, batches, [EnvStepPerBatch(), alerts], accelerator="gpu")
         runs[graphs] = module, trainer, alerts.counts
     (eager, eager_trainer, eager_alerts), (graphed, graphed_trainer, graphed_alerts) = runs[False], runs[True]
     assert graphed._telemetry.fused and not eager._telemetry.fused
@@ -123,7 +117,7 @@ def test_a_nonfinite_batch_is_skipped_inside_the_graph_and_counted_at_the_log_po
     module = make_module({"image": [4, 36, 36]}, policy_freq=1, cuda_graphs=True, log_every_n_env_steps=1)
     snapshots = CriticSnapshots()
     with pytest.warns(UserWarning, match=r"non-finite critic loss at env step 7: critic update skipped"):
-        trainer = fit_gpu(module, batches, [EnvStepPerBatch(), snapshots])
+        trainer = fit_batches(module, batches, [EnvStepPerBatch(), snapshots], accelerator="gpu")
     same = [all(torch.equal(a, b) for a, b in zip(before, after))
             for before, after in zip(snapshots.critic, snapshots.critic[1:])]
     assert same == [False] * 5 + [True, False]
@@ -157,7 +151,8 @@ def test_no_host_sync_between_log_points(cuda_graphs: bool) -> None:
     batches = [random_batch({"image": [4, 36, 36], "vector": [3]}, 2, seed=i) for i in range(12)]
     watch = NoSyncAfter(warmup=5)
     try:
-        fit_gpu(module, batches, [GradientAlertCallback(), watch])  # last: its batch end comes after the alerts'
+        # watch last: its batch end comes after the alerts'
+        fit_batches(module, batches, [GradientAlertCallback(), watch], accelerator="gpu")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert watch.checked == 12 - 5
@@ -168,21 +163,15 @@ def test_a_graphed_run_resumed_from_a_checkpoint_continues_as_one_never_stopped(
                                                                                 deterministic_cudnn: Any) -> None:
     batches = [random_batch({"image": [4, 36, 36]}, 2, seed=i) for i in range(16)]
 
-    def fit(module: TD3Module, part: list[Any], epochs: int, ckpt_path: Any = None) -> pl.Trainer:
-        trainer = pl.Trainer(accelerator="gpu", devices=1, max_epochs=epochs, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(part, batch_size=None), ckpt_path=ckpt_path)
-        return trainer
-
     torch.manual_seed(0)
     straight = make_module({"image": [4, 36, 36]}, policy_freq=2, cuda_graphs=True)
-    fit(straight, batches, 1)
+    fit_batches(straight, batches, accelerator="gpu")
     torch.manual_seed(0)
     first = make_module({"image": [4, 36, 36]}, policy_freq=2, cuda_graphs=True)
-    fit(first, batches[:8], 1).save_checkpoint(tmp_path / "half.ckpt")
+    fit_batches(first, batches[:8], accelerator="gpu").save_checkpoint(tmp_path / "half.ckpt")
     torch.manual_seed(123)  # the checkpoint's RNG states must win
     resumed = make_module({"image": [4, 36, 36]}, policy_freq=2, cuda_graphs=True)
-    fit(resumed, batches[8:], 2, ckpt_path=tmp_path / "half.ckpt")
+    fit_batches(resumed, batches[8:], accelerator="gpu", epochs=2, ckpt_path=tmp_path / "half.ckpt")
     assert resumed._critic_step.graph is not None  # recaptured after the restore, then replayed
     assert asdict(resumed.counters) == asdict(straight.counters)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

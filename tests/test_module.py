@@ -14,6 +14,7 @@ from tests.conftest import (
     SMALL_IMAGE,
     EnvStepPerBatch,
     assert_same_training,
+    fit_batches,
     fit_on_random_batches,
     make_module,
     random_batch,
@@ -185,15 +186,8 @@ def test_resume_from_optimizer_state_of_another_layout_equals_a_resume_from_the_
     parameters' layout (without that, fused Adam pairs the wrong elements and the weights drift)."""
     batches = [random_batch(SMALL_IMAGE, 2, seed=i) for i in range(12)]
 
-    def fit(module: TD3Module, part: list, ckpt_path: object = None) -> None:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2 if ckpt_path else 1, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(part, batch_size=None), ckpt_path=ckpt_path)
-        if ckpt_path is None:
-            trainer.save_checkpoint(tmp_path / "channels_last.ckpt")
-
     torch.manual_seed(0)
-    fit(make_module(policy_freq=2), batches[:6])
+    fit_batches(make_module(policy_freq=2), batches[:6]).save_checkpoint(tmp_path / "channels_last.ckpt")
     checkpoint = torch.load(tmp_path / "channels_last.ckpt", weights_only=False)
     relaid = 0
     for optimizer in checkpoint["optimizer_states"]:
@@ -205,8 +199,8 @@ def test_resume_from_optimizer_state_of_another_layout_equals_a_resume_from_the_
     assert relaid == 2 * 2 * 3  # exp_avg and exp_avg_sq of the actor's and the critic's three convolutions
     torch.save(checkpoint, tmp_path / "nchw.ckpt")
     same_layout, other_layout = make_module(policy_freq=2), make_module(policy_freq=2)
-    fit(same_layout, batches[6:], tmp_path / "channels_last.ckpt")
-    fit(other_layout, batches[6:], tmp_path / "nchw.ckpt")
+    fit_batches(same_layout, batches[6:], epochs=2, ckpt_path=tmp_path / "channels_last.ckpt")
+    fit_batches(other_layout, batches[6:], epochs=2, ckpt_path=tmp_path / "nchw.ckpt")
     assert other_layout.counters.critic_updates == same_layout.counters.critic_updates == 12
     for (name, a), b in zip(same_layout.state_dict().items(), other_layout.state_dict().values()):
         assert torch.equal(a, b), name
