@@ -4,8 +4,8 @@
 random actions before ``learning_starts``), writes every transition into the replay buffer, and yields sampled
 batches. The learner (``TD3Module``) only learns; the envs never import Lightning.
 
-With asynchronous envs the stream issues the env step, yields the batches due (the learner updates while the env
-worker processes compute), then waits for the step and lets the transitions land in the buffer.
+With asynchronous envs the stream issues the env step, writes the previous step's transitions into the buffer and
+yields the batches due while the env worker processes compute (the learner updates meanwhile), then waits for the step.
 """
 
 from __future__ import annotations
@@ -89,20 +89,22 @@ class RolloutStream(IterableDataset):
         dm, counters = self.dm, self.agent.counters
         envs = dm.training_envs()
         dm.timings.start(counters.env_steps, counters.critic_updates)
-        while counters.env_steps < dm.total_env_steps:
-            actions = dm.next_actions(self.agent)
-            t0 = time.perf_counter()
-            if isinstance(envs, gym.vector.AsyncVectorEnv):
-                envs.step_async(actions)
+        overlapped = isinstance(envs, gym.vector.AsyncVectorEnv)
+        try:
+            while counters.env_steps < dm.total_env_steps:
+                actions = dm.next_actions(self.agent)
+                if overlapped:
+                    envs.step_async(actions)
+                # The previous step's transitions land in the buffer while the envs compute: every batch is drawn
+                # after this write, so it draws from the same transitions as it would with the write done first.
+                dm.write_transitions()
                 yield from self._batches_due()
                 t0 = time.perf_counter()
-                step = envs.step_wait()
-            else:
-                yield from self._batches_due()
-                t0 = time.perf_counter()
-                step = envs.step(actions)
-            dm.timings.add("env_ms", time.perf_counter() - t0)
-            dm.record(actions, *step, agent=self.agent)
+                step = envs.step_wait() if overlapped else envs.step(actions)
+                dm.timings.add("env_ms", time.perf_counter() - t0)
+                dm.record(actions, *step, agent=self.agent)
+        finally:
+            dm.write_transitions()  # also when an env fails: a crash checkpoint's buffer holds every counted step
         if counters.env_steps > dm.timings.env_steps:
             dm.log_rollout_stats(counters)  # the episodes that ended since the last log point
         # The run is over at data.total_env_steps, whichever epoch this is (a resumed run starts a new one).
@@ -247,6 +249,8 @@ class RolloutDataModule(pl.LightningDataModule):
         # sample requests yielded but not yet turned into batches; seconds spent sampling (for perf/update_ms).
         self.pending_actions: np.ndarray | None = None
         self.requests_out = 0
+        # The last env step's transitions (buffer.add's arguments), written while the envs compute the next step.
+        self._unwritten: tuple[Any, ...] | None = None
         self.sampling_s = 0.0
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -374,7 +378,8 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def record(self, actions: np.ndarray, next_obs: dict[str, np.ndarray], reward: np.ndarray,
                terminated: np.ndarray, truncated: np.ndarray, infos: dict[str, Any], *, agent: TD3Module) -> None:
-        """Writes one vector step into the buffer and closes the episodes that ended in it."""
+        """Counts one vector step, closes the episodes that ended in it, and keeps its transitions for
+        ``write_transitions``."""
         done = terminated | truncated
         real_next = {k: v.copy() for k, v in next_obs.items()}
         for i in np.flatnonzero(done):
@@ -382,8 +387,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 real_next[k][i] = v  # SAME_STEP autoreset: next_obs already holds the reset observation
         discard = np.array([bool(final_info_of(infos, i).get(DISCARD_KEY, False)) for i in range(self.num_envs)]) \
             if done.any() else np.zeros(self.num_envs, dtype=bool)
-        self.buffer.add(self._obs, actions, reward.astype(np.float32), real_next, terminated, truncated,
-                        valid=~discard)
+        self._unwritten = (self._obs, actions, reward.astype(np.float32), real_next, terminated, truncated, ~discard)
         self._obs = next_obs
         self.pending_actions = None
         counters = agent.counters
@@ -397,6 +401,17 @@ class RolloutDataModule(pl.LightningDataModule):
             info["faults"] = float(discard[i])
             self._close_episode(i, info, counters)
         self._log_progress(counters, agent.log_every_n_env_steps)
+
+    def write_transitions(self) -> None:
+        """Writes the transitions of the last recorded env step into the buffer, if not written yet.
+
+        The stream calls it right after issuing the next env step, so that with one env the write is not part of the
+        serial path between two env steps (the policy step needs the newest observation, the write does not).
+        """
+        if self._unwritten is not None:
+            *transitions, valid = self._unwritten
+            self._unwritten = None  # first: a write that raises is not tried again by the stream's cleanup
+            self.buffer.add(*transitions, valid=valid)
 
     def _report_nonfinite(self, i: int, info: Mapping[str, Any], counters: Any) -> None:
         """Counts and reports a step whose NaN/inf output the env boundary rejected (``wrappers.RejectNonFinite``)."""
@@ -434,6 +449,7 @@ class RolloutDataModule(pl.LightningDataModule):
         ``perf/env_steps_per_s`` counts the global env steps (the sum over ranks); stage times are the ranks' mean;
         ``rollout/buffer_size`` is the sum of the shards and ``alerts/nonfinite_env_outputs`` of the ranks' counts.
         """
+        self.write_transitions()  # rollout/buffer_size counts every env step up to this one
         perf = self.timings.flush(counters.env_steps, counters.critic_updates)
         ranks = gather_from_ranks(self.trainer, {"episodes": self._unlogged, "perf": perf, "buffer": len(self.buffer),
                                                  "nonfinite": counters.nonfinite_env_outputs})

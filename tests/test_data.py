@@ -142,3 +142,59 @@ def test_numeric_info_keeps_the_numeric_scalars() -> None:
     info = {"collision": True, "distance_m": np.float32(3.5), "name": "x", "terms": {"progress": 1.0},
             "reward/progress": 2}
     assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "reward/progress": 2.0}
+
+
+def async_pendulum_stream(total_env_steps: int = 40) -> tuple[RolloutDataModule, FakeAgent, gym.vector.VectorEnv]:
+    dm = RolloutDataModule(env_id="Pendulum-v1", num_envs=2, async_envs=True, total_env_steps=total_env_steps,
+                           learning_starts=10, buffer_size=100, batch_size=4, exploration_noise=0.0, replay_ratio=0.5)
+    dm.setup("fit")
+    return dm, FakeAgent(), dm.training_envs()
+
+
+def test_async_stream_writes_a_step_while_the_envs_compute_the_next_and_samples_see_every_finished_step() -> None:
+    dm, agent, envs = async_pendulum_stream()
+    events: list[tuple[str, int]] = []
+    add, step_async = dm.buffer.add, envs.step_async
+
+    def logged_add(*args: Any, **kwargs: Any) -> None:
+        events.append(("add", len(dm.buffer)))
+        add(*args, **kwargs)
+
+    def logged_step_async(actions: np.ndarray) -> None:
+        events.append(("step", agent.counters.env_steps))
+        step_async(actions)
+
+    dm.buffer.add, envs.step_async = logged_add, logged_step_async
+    at_yields = []
+    try:
+        for _ in RolloutStream(dm, agent):
+            at_yields.append((len(dm.buffer), agent.counters.env_steps))
+    finally:
+        dm.teardown("fit")
+
+    kinds = [kind for kind, _ in events]
+    # Every vector step's transitions are written after the next step was issued, the last one at the end.
+    assert kinds == ["step"] + ["step", "add"] * 19 + ["add"]
+    assert [n for kind, n in events if kind == "add"] == list(range(0, 40, 2))
+    # Yet every batch is drawn from all transitions of the finished steps, as if each were written at once.
+    assert len(at_yields) == 15 and all(stored == steps for stored, steps in at_yields)
+    assert len(dm.buffer) == agent.counters.env_steps == 40
+
+
+def test_an_env_step_that_fails_to_start_leaves_every_counted_step_in_the_buffer() -> None:
+    dm, agent, envs = async_pendulum_stream()
+    step_async = envs.step_async
+
+    def failing_step_async(actions: np.ndarray) -> None:
+        if agent.counters.env_steps == 16:
+            raise BrokenPipeError("env worker gone")
+        step_async(actions)
+
+    envs.step_async = failing_step_async
+    try:
+        with pytest.raises(BrokenPipeError):
+            list(RolloutStream(dm, agent))
+    finally:
+        dm.teardown("fit")
+    # What a crash checkpoint would save: the transitions of all 16 counted env steps, the last written on the way out.
+    assert agent.counters.env_steps == len(dm.buffer) == 16
