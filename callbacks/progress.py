@@ -27,12 +27,6 @@ SHOWN = {
 class EnvStepProgressBar(TQDMProgressBar):
     """TQDM bar whose position is the module's env-step counter."""
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self.train_progress_bar.reset(total=trainer.datamodule.total_env_steps)
-        self.train_progress_bar.initial = pl_module.counters.env_steps
-        self.train_progress_bar.unit = " env steps"
-
     def __init__(self, refresh_every_s: float = 1.0) -> None:
         """
         Args:
@@ -41,6 +35,23 @@ class EnvStepProgressBar(TQDMProgressBar):
         super().__init__()
         self.refresh_every_s = refresh_every_s
         self._drawn_at = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        super().on_train_start(trainer, pl_module)
+        # A resumed run continues mid-epoch, where Lightning calls no on_train_epoch_start.
+        self._count_env_steps(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._count_env_steps(trainer, pl_module)
+
+    def _count_env_steps(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        """Total, start and unit in env steps; the start makes the rate count from where this run began."""
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.datamodule.total_env_steps)
+        bar.initial = pl_module.counters.env_steps
+        bar.unit = " env steps"
+        bar.set_description(f"Epoch {trainer.current_epoch}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.monotonic()

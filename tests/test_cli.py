@@ -177,6 +177,14 @@ def test_progress_bar_counts_env_steps_and_one_switch_turns_it_off(tmp_path: Pat
     for field in ("env steps", "env/s=", "upd/s=", "return=", "warn=", "crit=", "buffer=150/5000"):
         assert field in bar[-1], (field, bar[-1])
 
+    # A resume continues mid-epoch, where Lightning calls no on_train_epoch_start: the bar still counts env steps.
+    resumed = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--ckpt_path", "last",
+                      "--data.total_env_steps", "250")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    lines = (resumed.stdout + resumed.stderr).replace("\r", "\n").strip().splitlines()
+    bar = [line for line in lines if "/250 " in line]
+    assert bar and "250/250 " in bar[-1] and "env steps" in bar[-1], (lines[-5:], bar[-1:])
+
     quiet = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "quiet"))
     assert quiet.returncode == 0, quiet.stderr[-3000:]
