@@ -300,7 +300,10 @@ class RolloutDataModule(pl.LightningDataModule):
                 for i, g in enumerate(self.global_env_index(i) for i in range(self.num_envs))
             ]
             vector_cls = gym.vector.AsyncVectorEnv if self.async_envs else gym.vector.SyncVectorEnv
-            self.envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **self._vector_kwargs())
+            # copy: each step's observations are arrays of their own, which the buffer write reads during the next
+            # step (with copy=False they would be views of the workers' shared memory, overwritten by that step).
+            self.envs = vector_cls(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=True,
+                                   **self._vector_kwargs())
             # Lightning skips teardown when fit raises: without this, worker processes would outlive the run.
             atexit.register(self.teardown, "fit")
             self._obs, _ = self.envs.reset()

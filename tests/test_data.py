@@ -179,6 +179,12 @@ def test_async_stream_writes_a_step_while_the_envs_compute_the_next_and_samples_
     # Yet every batch is drawn from all transitions of the finished steps, as if each were written at once.
     assert len(at_yields) == 15 and all(stored == steps for stored, steps in at_yields)
     assert len(dm.buffer) == agent.counters.env_steps == 40
+    # Written a step late, each transition still holds its own observations: row t + 2 (the same env, one step on)
+    # starts where row t ended, and Pendulum moves at every step (time limit 200: no episode ends here).
+    batch = dm.buffer.get(torch.arange(40))
+    obs, next_obs = batch.obs["vector"], batch.next_obs["vector"]
+    assert torch.equal(obs[2:], next_obs[:-2])
+    assert not (obs == next_obs).all(dim=1).any()
 
 
 def test_an_env_step_that_fails_to_start_leaves_every_counted_step_in_the_buffer() -> None:
