@@ -144,9 +144,10 @@ def test_numeric_info_keeps_the_numeric_scalars() -> None:
     assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "reward/progress": 2.0}
 
 
-def async_pendulum_stream(total_env_steps: int = 40) -> tuple[RolloutDataModule, FakeAgent, gym.vector.VectorEnv]:
-    dm = RolloutDataModule(env_id="Pendulum-v1", num_envs=2, async_envs=True, total_env_steps=total_env_steps,
-                           learning_starts=10, buffer_size=100, batch_size=4, exploration_noise=0.0, replay_ratio=0.5)
+def async_pendulum_stream() -> tuple[RolloutDataModule, FakeAgent, gym.vector.VectorEnv]:
+    """Two Pendulum envs in worker processes, 40 env steps, one update per 2 env steps from env step 10."""
+    dm = RolloutDataModule(env_id="Pendulum-v1", num_envs=2, async_envs=True, total_env_steps=40, learning_starts=10,
+                           buffer_size=100, batch_size=4, exploration_noise=0.0, replay_ratio=0.5)
     dm.setup("fit")
     return dm, FakeAgent(), dm.training_envs()
 
