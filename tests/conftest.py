@@ -67,28 +67,30 @@ def make_module(shapes: dict[str, list[int]] = SMALL_IMAGE, action_dim: int = 2,
     return TD3Module(observation_shapes=shapes, action_dim=action_dim, **kwargs)
 
 
+def _fit(module: TD3Module, loader: DataLoader, callbacks: Sequence[pl.Callback], ckpt_path: object = None,
+         **trainer_kwargs: object) -> pl.Trainer:
+    """Trains ``module`` on ``loader`` with a quiet one-device Trainer (no logger, checkpoints, bar or summary)."""
+    trainer_kwargs.setdefault("accelerator", "cpu")
+    trainer_kwargs.setdefault("max_epochs", 1)
+    trainer = pl.Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=list(callbacks), **trainer_kwargs)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return trainer
+
+
 def fit_on_random_batches(module: TD3Module, count: int, *, callbacks: list[pl.Callback] | None = None,
                           **trainer_kwargs: object) -> pl.Trainer:
     shapes, action_dim = module.hparams.observation_shapes, module.hparams.action_dim
     reward_scale = trainer_kwargs.pop("reward_scale", 1.0)
-    trainer_kwargs.setdefault("accelerator", "cpu")
     loader = DataLoader(RandomBatches(shapes, action_dim, count, reward_scale=reward_scale), batch_size=None)
-    trainer = pl.Trainer(
-        devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **trainer_kwargs,
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    return trainer
+    return _fit(module, loader, callbacks or [], **trainer_kwargs)
 
 
 def fit_batches(module: TD3Module, batches: list[Transition], callbacks: Sequence[pl.Callback] = (), *,
                 accelerator: str = "cpu", epochs: int = 1, ckpt_path: object = None) -> pl.Trainer:
     """Trains ``module`` on ``batches`` (one per training step, every epoch), from ``ckpt_path`` when given."""
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=epochs, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=list(callbacks))
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
-    return trainer
+    return _fit(module, DataLoader(batches, batch_size=None), callbacks, ckpt_path,
+                accelerator=accelerator, max_epochs=epochs)
 
 
 @pytest.fixture
