@@ -41,7 +41,7 @@ DROPPED_CALLBACKS = ("EnvStepCheckpoint", "EvaluationCallback", "EnvStepProgress
 """Callbacks of configs/td3.yaml left out of timed runs: checkpoints (buffer files on disk), evaluation episodes and
 the progress display have no counterpart inside Stable-Baselines3's ``learn`` and are not part of the learning loop.
 The gradient alerts stay: they consume the telemetry whose cost is part of what is measured."""
-PIXEL_ENV, STATE_ENV = "CarRacing-v3", "Pendulum-v1"
+PIXEL_ENV, STATE_ENV = "lit_td3/CarRacing-v3", "Pendulum-v1"
 STATE_HIDDEN_SIZES = [400, 300]
 
 

@@ -1,6 +1,7 @@
 """lit_td3 against Stable-Baselines3 TD3: same hyperparameters, same networks, same envs, one process, alternating.
 
-GitHub issue "Performance", section 4. For each observation path (``pixel``: CarRacing-v3 as 4x84x84 grayscale
+GitHub issue "Performance", section 4. For each observation path (``pixel``: lit_td3/CarRacing-v3 (gymnasium's
+CarRacing-v3, the same frames rendered faster; ``--pixel-env CarRacing-v3`` for gymnasium's own) as 4x84x84 grayscale
 stacks, NatureCNN encoders, [256, 256] heads; ``state``: Pendulum-v1, [400, 300] MLPs) and each of ``--repeats``
 rounds, both libraries train from scratch one after the other (the order flips every round):
 
@@ -55,7 +56,7 @@ from common import (
     timed_callback_instances,
 )
 
-from lit_td3.envs import make_env
+from lit_td3.envs import check_env_id, make_env
 
 try:
     from stable_baselines3 import TD3
@@ -117,10 +118,10 @@ class ObservationKey(gym.ObservationWrapper):
         return observation[self.key]
 
 
-def path_settings(path: str) -> tuple[str, str, dict[str, Any]]:
+def path_settings(path: str, pixel_env: str) -> tuple[str, str, dict[str, Any]]:
     """(env id, observation key, lit_td3 model overlay) of a path."""
     if path == "pixel":
-        return PIXEL_ENV, "image", {}
+        return pixel_env, "image", {}
     return STATE_ENV, "vector", {"network": {"hidden_sizes": STATE_HIDDEN_SIZES}}
 
 
@@ -130,8 +131,9 @@ def episode_limit(path: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------- lit_td3
-def lit_round(path: str, budget: Budget, device: str, extra_args: list[str], results: Results) -> None:
-    env_id, _, model = path_settings(path)
+def lit_round(path: str, pixel_env: str, budget: Budget, device: str, extra_args: list[str],
+              results: Results) -> None:
+    env_id, _, model = path_settings(path, pixel_env)
     data = {"env_id": env_id, "num_envs": 1, "replay_ratio": 1.0, "total_env_steps": budget.total,
             "learning_starts": budget.learning_starts, "buffer_size": budget.total,
             "max_episode_steps": episode_limit(path)}
@@ -181,9 +183,9 @@ class SB3Window(BaseCallback):
         return (self.closed[1] - self.opened[1]) / seconds, (self.closed[2] - self.opened[2]) / seconds
 
 
-def sb3_model(path: str, budget: Budget, device: str, seed: int) -> TD3:
+def sb3_model(path: str, pixel_env: str, budget: Budget, device: str, seed: int) -> TD3:
     hp = lit_hyperparameters()
-    env_id, key, _ = path_settings(path)
+    env_id, key, _ = path_settings(path, pixel_env)
     env = ObservationKey(make_env(env_id, seed=seed, max_episode_steps=episode_limit(path),
                                   frame_stack=hp["frame_stack"], image_size=hp["image_size"]), key)
     action_dim = int(np.prod(env.action_space.shape or ()))
@@ -204,8 +206,8 @@ def sb3_model(path: str, budget: Budget, device: str, seed: int) -> TD3:
                device=device)
 
 
-def sb3_round(path: str, budget: Budget, device: str, results: Results) -> None:
-    model = sb3_model(path, budget, device, seed=42)
+def sb3_round(path: str, pixel_env: str, budget: Budget, device: str, results: Results) -> None:
+    model = sb3_model(path, pixel_env, budget, device, seed=42)
     window = SB3Window(budget.learning_starts + budget.warmup_steps, device)
     with quiet():
         model.learn(total_timesteps=budget.total, callback=window)
@@ -252,8 +254,8 @@ def count(network: torch.nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def report(path: str, budget: Budget, repeats: int, lit: Results, sb3: Results) -> str:
-    env_id = path_settings(path)[0]
+def report(path: str, pixel_env: str, budget: Budget, repeats: int, lit: Results, sb3: Results) -> str:
+    env_id = path_settings(path, pixel_env)[0]
     lit_rate, sb3_rate = Summary.of(lit.env_steps_per_s), Summary.of(sb3.env_steps_per_s)
     lit_upd, sb3_upd = Summary.of(lit.update_ms), Summary.of(sb3.update_ms)
     lit_smp, sb3_smp = Summary.of(lit.sample_ms), Summary.of(sb3.sample_ms)
@@ -313,11 +315,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--update-iterations", type=int, help="timed updates per round (default per path)")
     parser.add_argument("--paths", default="pixel,state", help="comma-separated: pixel (CarRacing-v3), state "
                         "(Pendulum-v1)")
+    parser.add_argument("--pixel-env", default=PIXEL_ENV, help=f"the pixel path's env, for both libraries (default "
+                        f"{PIXEL_ENV}; CarRacing-v3 is gymnasium's own renderer, same frames, slower)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both learners (default: torch's)")
     parser.add_argument("--lit-arg", action="append", default=[], metavar="ARG",
                         help="extra lit_td3 CLI argument, repeatable, e.g. --lit-arg=--model.compile=true")
     args = parser.parse_args()
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    try:
+        check_env_id(args.pixel_env)
+    except ValueError as err:
+        parser.error(f"--pixel-env: {err}")
     bad = [p for p in args.paths if p not in ("pixel", "state")]
     if bad or not args.paths:
         parser.error(f"--paths {','.join(args.paths)}: expected a comma-separated subset of pixel,state")
@@ -367,10 +375,10 @@ def main() -> None:
             for framework in order:
                 log(f"[compare_sb3] {path} round {r + 1}/{repeats}: {framework}")
                 if framework == "lit":
-                    lit_round(path, budget, args.device, args.lit_arg, lit)
+                    lit_round(path, args.pixel_env, budget, args.device, args.lit_arg, lit)
                 else:
-                    sb3_round(path, budget, args.device, sb3)
-        sections.append(report(path, budget, repeats, lit, sb3))
+                    sb3_round(path, args.pixel_env, budget, args.device, sb3)
+        sections.append(report(path, args.pixel_env, budget, repeats, lit, sb3))
         rounds.append(rounds_table(path, lit, sb3))
     print(f"## lit_td3 vs Stable-Baselines3 TD3 ({args.device})\n")
     print("\n".join(sections))

@@ -166,7 +166,7 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        env_id: str = "CarRacing-v3",
+        env_id: str = "lit_td3/CarRacing-v3",
         env_kwargs: dict[str, Any] | None = None,
         max_episode_steps: int | None = None,
         frame_stack: int = 4,
@@ -185,8 +185,9 @@ class RolloutDataModule(pl.LightningDataModule):
     ) -> None:
         """
         Args:
-            env_id: A registered gymnasium id (``CarRacing-v3``, ``Pendulum-v1``, ``lit_td3/CarlaLaneKeeping-v0``, ...),
-                or ``module:id`` for an env that ``module`` registers when imported (``my_pkg.envs:MyEnv-v0``).
+            env_id: A registered gymnasium id (``lit_td3/CarRacing-v3``: gymnasium's CarRacing-v3 with the same frames
+                rendered faster; ``CarRacing-v3``, ``Pendulum-v1``, ``lit_td3/CarlaLaneKeeping-v0``, ...), or
+                ``module:id`` for an env that ``module`` registers when imported (``my_pkg.envs:MyEnv-v0``).
             env_kwargs: Keyword arguments for ``gymnasium.make`` (the CARLA env takes its server and scenario here).
             max_episode_steps: Time limit per episode (truncation, which bootstraps); ``null`` keeps the env's own.
             frame_stack: Frames per image observation (RGB envs are turned to grayscale and stacked).

@@ -76,7 +76,7 @@ def counters_of(checkpoint: Path) -> dict:
 
 @pytest.mark.parametrize(
     ("env_id", "tags"),
-    [("CarRacing-v3", GRADIENT_TAGS + CNN_TAGS + TRAIN_TAGS + ROLLOUT_TAGS),
+    [("lit_td3/CarRacing-v3", GRADIENT_TAGS + CNN_TAGS + TRAIN_TAGS + ROLLOUT_TAGS),
      ("Pendulum-v1", GRADIENT_TAGS + TRAIN_TAGS + ROLLOUT_TAGS)],
 )
 def test_fit_writes_every_tag_against_env_steps(tmp_path: Path, env_id: str, tags: list[str]) -> None:

@@ -115,7 +115,7 @@ def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
 def test_env_actions_are_rescaled_to_the_env_bounds() -> None:
     from lit_td3.envs import make_env
 
-    env = make_env("CarRacing-v3", seed=0)
+    env = make_env("lit_td3/CarRacing-v3", seed=0)
     assert env.action_space.low.tolist() == [-1.0, -1.0, -1.0]
     assert env.observation_space["image"].shape == (4, 84, 84)
     assert env.observation_space["image"].dtype == np.uint8

@@ -130,7 +130,7 @@ SMALL_PIXELS = {"image_size": 36, "batch_size": 16, "eval_episodes": 0}
         # state-based, envs stepped in this process, evaluation episodes in between
         ("Pendulum-v1", 50, {"async_envs": False}),
         # pixels through a small CNN, envs in worker processes that step while the learner updates
-        ("CarRacing-v3", 25, {"async_envs": True, **SMALL_PIXELS}),
+        ("lit_td3/CarRacing-v3", 25, {"async_envs": True, **SMALL_PIXELS}),
     ],
 )
 def test_killed_and_resumed_run_equals_a_run_never_stopped(tmp_path: Path, env_id: str, episode_steps: int,
@@ -170,7 +170,7 @@ def test_killed_and_resumed_run_equals_a_run_never_stopped(tmp_path: Path, env_i
 
 def test_resume_mid_episode_ends_the_cut_episode_as_truncated(tmp_path: Path) -> None:
     # Pixels: the buffer refuses a frame stack that continues an episode the resumed envs no longer have.
-    config = run_config(tmp_path, env_id="CarRacing-v3", total=90, every=45, episode_steps=30, learning_starts=30,
+    config = run_config(tmp_path, env_id="lit_td3/CarRacing-v3", total=90, every=45, episode_steps=30, learning_starts=30,
                         data={"async_envs": False, **SMALL_PIXELS})
     killed = start(config)
     kill_after(killed, checkpoints_of(config) / "env_step=45.ckpt")

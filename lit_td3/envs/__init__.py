@@ -1,7 +1,9 @@
 """The env factory: any registered gymnasium id (or ``module:id``, whose module registers it), made to lit_td3's
 conventions (see ``wrappers``).
 
-CARLA registers its own id here without importing the ``carla`` client: the env imports it when it connects.
+Two ids are registered here, neither importing its simulator until an env is made: CARLA's (the env imports the
+``carla`` client when it connects) and ``lit_td3/CarRacing-v3``, gymnasium's CarRacing-v3 with the same frames
+rendered faster (see ``car_racing``), the default env.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import gymnasium as gym
 from lit_td3.envs.wrappers import DISCARD_KEY, SeedEachEpisode, conform
 
 CARLA_ENV_ID = "lit_td3/CarlaLaneKeeping-v0"
+CAR_RACING_ENV_ID = "lit_td3/CarRacing-v3"
 
 if CARLA_ENV_ID not in gym.registry:
     gym.register(id=CARLA_ENV_ID, entry_point="lit_td3.envs.carla:CarlaLaneKeepingEnv",
                  kwargs={"env_index": 0, "max_episode_steps": 500})
+if CAR_RACING_ENV_ID not in gym.registry:
+    _stock = gym.spec("CarRacing-v3")
+    gym.register(id=CAR_RACING_ENV_ID, entry_point="lit_td3.envs.car_racing:CarRacing", kwargs=_stock.kwargs,
+                 max_episode_steps=_stock.max_episode_steps, reward_threshold=_stock.reward_threshold)
 
-__all__ = ["CARLA_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
+__all__ = ["CARLA_ENV_ID", "CAR_RACING_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
 
 
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
