@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh scalingfast OUTDIR # the same with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
 #   bash benchmarks/gpu_session.sh ddp OUTDIR     # 1 vs 2 GPUs through DDP (a machine with 2 GPUs)
+#   bash benchmarks/gpu_session.sh render OUTDIR  # the embedded env vs gymnasium's renderer, then SB3 on each
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
 if [ -d .whl ]; then
@@ -55,5 +56,13 @@ case $part in
     ;;
   ddp)
     run ddp_scaling python3 benchmarks/ddp_scaling.py --devices 1,2
+    ;;
+  render)
+    fast="--lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda --lit-arg=--trainer.benchmark=true"
+    run car_racing_render python3 benchmarks/car_racing_render.py --repeats 3
+    for env in CarRacing-v3 lit_td3/CarRacing-v3; do
+      run "compare_sb3_${env//\//_}" python3 benchmarks/compare_sb3.py --device cuda --paths pixel --pixel-env "$env" \
+        --repeats 2 --steps 600 --learning-starts 1000 --warmup-steps 100 $fast
+    done
     ;;
 esac
