@@ -65,3 +65,14 @@ def test_wrapped_observations_equal_the_stock_env() -> None:
     fast = drive(make_env(CAR_RACING_ENV_ID, seed=11, max_episode_steps=60), 11, 80)
     assert fast[1][0]["image"].shape == (4, 84, 84)
     assert_same_outputs([(o["image"], *r) for o, *r in stock], [(o["image"], *r) for o, *r in fast])
+
+
+def test_a_new_env_renders_after_a_human_env_quit_pygame() -> None:
+    """Closing a "human" env quits pygame, which invalidates every font loaded before: an env created afterwards
+    must load its own (a font kept for the whole process raised "Invalid font" here)."""
+    first = CarRacing(render_mode="human")
+    first.reset(seed=0)
+    first.step(np.zeros(3, np.float32))
+    first.close()
+    assert not pygame.get_init()
+    assert_same_outputs(drive(StockCarRacing(), 5, 20), drive(CarRacing(), 5, 20))

@@ -6,14 +6,14 @@ CarRacing draws every observation with pygame, and most of a step went to two th
   bounds-checks four vertices in Python, then draws the few dozen that are on screen. Here the vertices of all quads
   are kept in one array per track, the same float64 arithmetic runs on all of them at once, and the same pygame calls
   draw the same on-screen quads in the same order.
-- ``_render`` loads the score's font from disk for every frame (about 0.6 ms); here it is loaded once per process.
+- ``_render`` loads the score's font from disk for every frame (about 0.6 ms); here it is loaded once per env.
 
 ``tests/test_car_racing.py`` compares every observation with the stock env's, frame by frame.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,19 +30,28 @@ def grass_quads() -> np.ndarray:
                      for x in range(-20, 20, 2) for y in range(-20, 20, 2)], dtype=np.float64)
 
 
-_loaded_font = functools.cache(pygame.font.Font)
-
-
 class CarRacing(car_racing.CarRacing):
     """CarRacing-v3 with a vectorized ``_render_road`` and a loaded font; dynamics, rewards, spaces and frames are the
     stock env's."""
 
     _GRASS = grass_quads()
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fonts: dict[tuple[Any, ...], pygame.font.Font] = {}
+
     def _render(self, mode: str) -> Any:
-        # gymnasium's _render calls pygame.font.Font itself; for its duration that name returns the loaded font.
-        # Only the env uses pygame, from the one thread that steps it, so nothing else can see the swap.
-        font_class, pygame.font.Font = pygame.font.Font, _loaded_font
+        # gymnasium's _render calls pygame.font.Font itself; for its duration that name returns this env's loaded
+        # font. Only the env uses pygame, from the one thread that steps it, so nothing else can see the swap. The
+        # fonts are the env's, not the process's: closing a "human" env quits pygame, which invalidates its fonts.
+        font_class = pygame.font.Font
+
+        def loaded_font(*args: Any) -> pygame.font.Font:
+            if args not in self._fonts:
+                self._fonts[args] = font_class(*args)
+            return self._fonts[args]
+
+        pygame.font.Font = loaded_font
         try:
             return super()._render(mode)
         finally:
@@ -81,6 +90,6 @@ class CarRacing(car_racing.CarRacing):
         visible = np.flatnonzero(inside.any(axis=1))
         return list(zip(visible.tolist(), screen[visible].tolist(), strict=True))
 
-    def _fill(self, quad: list[list[float]], color) -> None:
+    def _fill(self, quad: list[list[float]], color: Sequence[float]) -> None:
         gfxdraw.aapolygon(self.surf, quad, color)
         gfxdraw.filled_polygon(self.surf, quad, color)
