@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import gymnasium as gym
 import numpy as np
 import pygame
@@ -9,7 +11,7 @@ import pytest
 from gymnasium.envs.box2d.car_racing import CarRacing as StockCarRacing
 
 from lit_td3.envs import CAR_RACING_ENV_ID, make_env
-from lit_td3.envs.car_racing import CarRacing
+from lit_td3.envs.car_racing import CarRacing, renderer_verified
 
 FONT_CLASS = pygame.font.Font
 
@@ -55,8 +57,25 @@ def test_registered_id_is_the_stock_spec_with_the_fast_renderer() -> None:
     spec, stock = gym.spec(CAR_RACING_ENV_ID), gym.spec("CarRacing-v3")
     assert (spec.max_episode_steps, spec.reward_threshold, spec.kwargs) == (
         stock.max_episode_steps, stock.reward_threshold, stock.kwargs)
+    assert renderer_verified(), "the installed gymnasium's road code is not the one checked: CarRacing falls back"
     env = make_env(CAR_RACING_ENV_ID, seed=0)
     assert type(env.unwrapped) is CarRacing
+
+
+def test_a_gymnasium_with_other_road_code_gets_its_own_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
+    stock_road = StockCarRacing._render_road
+
+    def other_road_code(self: StockCarRacing, *args: Any) -> None:
+        stock_road(self, *args)
+
+    monkeypatch.setattr(StockCarRacing, "_render_road", other_road_code)
+    renderer_verified.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="not checked against: it runs gymnasium's own"):
+            env = make_env(CAR_RACING_ENV_ID, seed=0)
+        assert type(env.unwrapped) is StockCarRacing
+    finally:
+        renderer_verified.cache_clear()
 
 
 def test_wrapped_observations_equal_the_stock_env() -> None:

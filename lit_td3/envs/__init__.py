@@ -25,7 +25,7 @@ if CARLA_ENV_ID not in gym.registry:
                  kwargs={"env_index": 0, "max_episode_steps": 500})
 if CAR_RACING_ENV_ID not in gym.registry:
     _stock = gym.spec("CarRacing-v3")
-    gym.register(id=CAR_RACING_ENV_ID, entry_point="lit_td3.envs.car_racing:CarRacing", kwargs=_stock.kwargs,
+    gym.register(id=CAR_RACING_ENV_ID, entry_point="lit_td3.envs.car_racing:make", kwargs=_stock.kwargs,
                  max_episode_steps=_stock.max_episode_steps, reward_threshold=_stock.reward_threshold)
 
 __all__ = ["CARLA_ENV_ID", "CAR_RACING_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]

@@ -8,18 +8,53 @@ CarRacing draws every observation with pygame, and most of a step went to two th
   draw the same on-screen quads in the same order.
 - ``_render`` loads the score's font from disk for every frame (about 0.6 ms); here it is loaded once per env.
 
-``tests/test_car_racing.py`` compares every observation with the stock env's, frame by frame.
+``tests/test_car_racing.py`` compares every observation with the stock env's, frame by frame (run under gymnasium
+1.1.1 and 1.4.0). A gymnasium whose road-drawing code differs from the code re-implemented here gets its own renderer
+back, with a warning (``make``): the env stays gymnasium's, only slower.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import gymnasium
 import numpy as np
 import pygame
 from gymnasium.envs.box2d import car_racing
 from pygame import gfxdraw
+
+VERIFIED_SOURCES = {
+    "_render_road": "ececdf992df950f91fc6121dc19ac61650c98da19c67391e72b4c03aee4c3dda",
+    "_draw_colored_polygon": "8ab3784d359ee5577b7e73754b7149ce5cfb34edc85a80a364e65fa69201bea2",
+}
+"""SHA-256 of the source of the gymnasium methods that ``CarRacing._render_road`` re-implements, the same in
+gymnasium 1.1.1 and 1.4.0."""
+
+
+@functools.cache
+def renderer_verified() -> bool:
+    """Whether the installed gymnasium draws its road with the code ``CarRacing`` re-implements (same source)."""
+    try:
+        sources = {name: inspect.getsource(getattr(car_racing.CarRacing, name)) for name in VERIFIED_SOURCES}
+    except (OSError, TypeError):  # no source to compare (a build without .py files)
+        return False
+    return all(hashlib.sha256(sources[name].encode()).hexdigest() == digest
+               for name, digest in VERIFIED_SOURCES.items())
+
+
+def make(**kwargs: Any) -> car_racing.CarRacing:
+    """The entry point of ``lit_td3/CarRacing-v3``: the faster renderer, or gymnasium's own where the installed
+    gymnasium draws its road differently from the code it was checked against."""
+    if renderer_verified():
+        return CarRacing(**kwargs)
+    warnings.warn(f"gymnasium {gymnasium.__version__} draws CarRacing's road with code that lit_td3/CarRacing-v3 was "
+                  "not checked against: it runs gymnasium's own, slower renderer", stacklevel=2)
+    return car_racing.CarRacing(**kwargs)
 
 
 def grass_quads() -> np.ndarray:
