@@ -5,6 +5,10 @@ Each round times ``--steps`` steps of each env, in alternating order, in this pr
 of ``--episode-steps``, resets included). Before timing, the first steps of both envs are compared frame by frame, as
 tests/test_car_racing.py does at length. The ratio is of the medians.
 
+Then the pixel pipeline's grayscale alone, on 200 of the env's RGB frames: gymnasium's ``GrayscaleObservation`` and
+lit_td3's (``lit_td3.envs.wrappers.grayscale``, the same uint8 for every color: tests/test_wrappers.py), checked equal
+on those frames, then timed in alternating rounds.
+
     python benchmarks/car_racing_render.py             # 5 rounds of 1,000 steps each
     python benchmarks/car_racing_render.py --quick     # 3 rounds of 200
 
@@ -17,10 +21,12 @@ import argparse
 import os
 import time
 
+import gymnasium as gym
 import numpy as np
 from common import Summary, log, machine_line, markdown_table, run_line
 
 from lit_td3.envs import CAR_RACING_ENV_ID, make_env
+from lit_td3.envs.wrappers import grayscale
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # CarRacing renders its observations with pygame, headless
 ENV_IDS = ("CarRacing-v3", CAR_RACING_ENV_ID)
@@ -51,6 +57,32 @@ def check_same_frames(steps: int, seed: int) -> None:
         observations = [env.step(np.array([0.0, 1.0, -1.0], np.float32))[0]["image"] for env in (stock, fast)]
 
 
+def rgb_frames(count: int, seed: int) -> list[np.ndarray]:
+    """The 96x96 RGB observations of ``count`` steps of the env before lit_td3's pixel pipeline."""
+    env = gym.make(CAR_RACING_ENV_ID)
+    env.reset(seed=seed)
+    actions = np.random.default_rng(seed).uniform([-1, 0.0, 0.0], [1, 1, 0.2], (count, 3)).astype(np.float32)
+    frames = [env.step(action)[0] for action in actions]
+    env.close()
+    return frames
+
+
+def grayscale_us(frames: list[np.ndarray], repeats: int) -> dict[str, Summary]:
+    """Microseconds per frame of gymnasium's grayscale and lit_td3's, in alternating rounds over ``frames``."""
+    stock = gym.wrappers.GrayscaleObservation(gym.make(CAR_RACING_ENV_ID), keep_dim=False).observation
+    converters = {"gymnasium GrayscaleObservation": stock, "lit_td3 grayscale": grayscale}
+    if not all(np.array_equal(stock(frame), grayscale(frame)) for frame in frames):
+        raise SystemExit("lit_td3's grayscale differs from gymnasium's on the env's frames")
+    times: dict[str, list[float]] = {name: [] for name in converters}
+    for r in range(repeats):
+        for name in converters if r % 2 == 0 else list(converters)[::-1]:
+            start = time.perf_counter()
+            for frame in frames:
+                converters[name](frame)
+            times[name].append((time.perf_counter() - start) / len(frames) * 1e6)
+    return {name: Summary.of(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds of 200 steps")
@@ -78,6 +110,14 @@ def main() -> None:
     print(markdown_table(["env", "steps/s", "ms/step"],
                          [(env_id, s.text(), f"{1e3 / s.median:.2f}") for env_id, s in zip(ENV_IDS, (stock, fast))]))
     print(f"\nRatio of medians: **{fast.median / stock.median:.2f}×**\n")
+    gray = grayscale_us(rgb_frames(200, seed=0), repeats=max(repeats, 5))
+    print("## The pixel pipeline's grayscale, µs per 96×96 frame\n")
+    print(f"200 of the env's RGB frames, {max(repeats, 5)} alternating rounds; identical outputs on every frame.\n")
+    print(markdown_table(["grayscale", "µs per frame"], [(name, g.text()) for name, g in gray.items()]))
+    stock_us, lit_us = (g.median for g in gray.values())
+    saved_ms = (stock_us - lit_us) / 1e3
+    print(f"\nRatio of medians: **{stock_us / lit_us:.2f}×**: {saved_ms:.3f} ms less per env step, "
+          f"{saved_ms * fast.median / 1e3:.1%} of {ENV_IDS[1]}'s median step above (which has lit_td3's grayscale)\n")
     print(machine_line("cpu"))
     print(run_line(started))
 

@@ -145,7 +145,7 @@ class PlainLoop:
         self.updates += 1
         if self.updates % hp.policy_freq == 0:
             m.critic.requires_grad_(False)
-            loss_pi = actor_loss(m.critic(batch.obs, m.actor(batch.obs))[0])
+            loss_pi = actor_loss(m.critic.q1_value(batch.obs, m.actor(batch.obs)))
             self.actor_opt.zero_grad(set_to_none=True)
             loss_pi.backward()
             self.actor_opt.step()

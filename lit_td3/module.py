@@ -319,7 +319,7 @@ class TD3Module(pl.LightningModule):
         """One actor step on Q1(s, mu(s)), then the soft update of both targets."""
         actor_opt = self.optimizers()[0]
         with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
-            q1_of_policy, _ = self.critic(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
+            q1_of_policy = self.critic.q1_value(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
             loss_pi = actor_loss(q1_of_policy)
             telemetry = self._optimize(actor_opt, loss_pi)
         self._soft_update_targets()

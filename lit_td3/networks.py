@@ -124,8 +124,15 @@ class TwinCritic(nn.Module):
         self.q2 = mlp(self.encoder.features + action_dim, config.hidden_sizes, 1)
 
     def forward(self, obs: Mapping[str, Tensor], action: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([self.encoder(obs), action], dim=1)
+        x = self._head_input(obs, action)
         return self.q1(x).squeeze(1), self.q2(x).squeeze(1)
+
+    def q1_value(self, obs: Mapping[str, Tensor], action: Tensor) -> Tensor:
+        """Q1(s, a) alone: the actor's loss needs no Q2, and computing it there would be wasted work."""
+        return self.q1(self._head_input(obs, action)).squeeze(1)
+
+    def _head_input(self, obs: Mapping[str, Tensor], action: Tensor) -> Tensor:
+        return torch.cat([self.encoder(obs), action], dim=1)
 
 
 def split_parameters(network: Actor | TwinCritic) -> dict[str, list[nn.Parameter]]:

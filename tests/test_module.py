@@ -120,6 +120,21 @@ def test_actor_loss_never_moves_the_critic() -> None:
     assert probe.checks == [(True, True)] * 4
 
 
+def test_the_actor_step_computes_q1_alone() -> None:
+    """The actor's loss is -mean Q1(s, mu(s)), the paper's: each critic step runs both heads, each actor step only
+    Q1's (Q2 there would be wasted work), and Q1 alone is the first of the pair."""
+    torch.manual_seed(0)
+    module = make_module(policy_freq=1)
+    head_calls: list[str] = []
+    for name in ("q1", "q2"):
+        getattr(module.critic, name).register_forward_hook(lambda *_, name=name: head_calls.append(name))
+    fit_on_random_batches(module, 3)
+    assert (head_calls.count("q1"), head_calls.count("q2")) == (6, 3)
+    batch = random_batch(SMALL_IMAGE, action_dim=2)
+    with torch.no_grad():
+        assert module.critic.q1_value(batch.obs, batch.action).equal(module.critic(batch.obs, batch.action)[0])
+
+
 def test_soft_update_is_polyak_averaging() -> None:
     torch.manual_seed(0)
     module = make_module(tau=0.25)

@@ -88,9 +88,23 @@ class SeedEachEpisode(gym.Wrapper):
         return obs, info
 
 
+LUMINANCE = (0.2125, 0.7154, 0.0721)
+"""The weights of R, G and B in gymnasium's ``GrayscaleObservation``."""
+
+
+def grayscale(rgb: np.ndarray) -> np.ndarray:
+    """gymnasium's ``GrayscaleObservation(keep_dim=False)``, bit for bit, in a fifth of its time: the same float64
+    products, added in the same order, truncated to uint8 the same way. Its ``np.sum`` over the 3-long channel axis
+    was the slow part (0.3 ms of a 96×96 CarRacing frame, about 6% of an env step)."""
+    channels = rgb.astype(np.float64)
+    red, green, blue = LUMINANCE
+    return (channels[..., 0] * red + channels[..., 1] * green + channels[..., 2] * blue).astype(np.uint8)
+
+
 def pixel_pipeline(env: gym.Env, frame_stack: int, image_size: int) -> gym.Env:
     """RGB H×W×3 → grayscale → image_size² → stack of ``frame_stack`` frames (first frame repeated at reset)."""
-    env = gym.wrappers.GrayscaleObservation(env, keep_dim=False)
+    gray = spaces.Box(0, 255, env.observation_space.shape[:2], np.uint8)
+    env = gym.wrappers.TransformObservation(env, grayscale, gray)
     env = gym.wrappers.ResizeObservation(env, (image_size, image_size))
     env = gym.wrappers.FrameStackObservation(env, frame_stack, padding_type="reset")
     return DictObservation(env, "image")
@@ -108,7 +122,7 @@ def conform(env: gym.Env, frame_stack: int, image_size: int) -> gym.Env:
         unknown = set(obs_space.spaces) - {"image", "vector"}
         if unknown:
             raise ValueError(f"data.env_id={env_id!r}: dict observation keys {sorted(unknown)} are not 'image'/'vector'")
-    elif isinstance(obs_space, spaces.Box) and obs_space.dtype == np.uint8 and len(obs_space.shape) == 3:
+    elif isinstance(obs_space, spaces.Box) and obs_space.dtype == np.uint8 and obs_space.shape[2:] == (3,):
         env = pixel_pipeline(env, frame_stack, image_size)
     elif isinstance(obs_space, spaces.Box) and len(obs_space.shape) == 1:
         env = DictObservation(env, "vector")
