@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
 #   bash benchmarks/gpu_session.sh ddp OUTDIR     # 1 vs 2 GPUs through DDP (a machine with 2 GPUs)
 #   bash benchmarks/gpu_session.sh render OUTDIR  # the embedded env vs gymnasium's renderer, then SB3 on each
+#   bash benchmarks/gpu_session.sh builds OUTDIR OLDTREE  # one env, this tree vs another build, alternating rounds
+#     (OLDTREE: an unpacked `git archive REV`, inside this tree so that it travels to the GPU machine)
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
 if [ -d .whl ]; then
@@ -63,6 +65,21 @@ case $part in
     for env in CarRacing-v3 lit_td3/CarRacing-v3; do
       run "compare_sb3_${env//\//_}" python3 benchmarks/compare_sb3.py --device cuda --paths pixel --pixel-env "$env" \
         --repeats 2 --steps 600 --learning-starts 1000 --warmup-steps 100 $fast
+    done
+    ;;
+  builds)
+    old=$(cd "$3" && pwd); new=$PWD; out=$(cd "$out" && pwd)
+    site=""; [ -d .whl ] && site=/tmp/site:  # each tree imports its own lit_td3, never the other's
+    flags="--device cuda --num-envs 1 --replay-ratio 1 --repeats 1 --steps 1500 --learning-starts 500 --warmup-steps 200
+      --env-only-steps 300 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
+      --lit-arg=--trainer.benchmark=true"
+    for round in 1 2 3 4; do
+      trees="$old $new"; [ $((round % 2)) -eq 0 ] && trees="$new $old"
+      for tree in $trees; do
+        name=old; [ "$tree" = "$new" ] && name=new
+        (cd "$tree" && PYTHONPATH="$site$tree" run "builds_${name}_$round" python3 \
+          benchmarks/env_scaling.py $flags)
+      done
     done
     ;;
 esac
