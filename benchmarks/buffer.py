@@ -6,9 +6,11 @@ next_obs stacks of 4x84x84) in <= 3 ms on one CPU core; 1,000,000 such transitio
     python benchmarks/buffer.py            # 100,000 transitions
     python benchmarks/buffer.py --quick    # 20,000 transitions, fewer repeats
     python benchmarks/buffer.py --transitions 1000000
+    python benchmarks/buffer.py --transitions 1000000 --memory-only   # the memory tables alone
 
-Memory is measured in a fresh interpreter that only fills a buffer, so the number is the buffer's own. This script
-never asserts: it reports.
+Memory is measured in a fresh interpreter that only fills a buffer, so the number is the buffer's own; where CUDA is
+available, a second fresh interpreter fills a CUDA buffer and reports the GPU memory it holds beside the process's
+RSS. This script never asserts: it reports.
 """
 
 from __future__ import annotations
@@ -92,24 +94,48 @@ def time_sampling(buffer: ReplayBuffer, batch_size: int, repeats: int) -> list[f
     return times
 
 
-def measure_rss(transitions: int) -> dict[str, Any]:
-    """Fills an image-only buffer in this (fresh) process and reports its resident memory, also at half fill."""
+def measure_rss(transitions: int, device: str) -> dict[str, Any]:
+    """Fills an image-only buffer in this (fresh) process and reports its resident memory, also at half fill; for a
+    CUDA buffer also the GPU memory torch has allocated (the CUDA context is started first, so that "before" holds
+    it and the growth is the buffer's)."""
     process = psutil.Process()
     rollout = Rollout(with_vector=False)
+    if device == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device=device)
     before = process.memory_info().rss
-    buffer = ReplayBuffer(transitions, shapes(False), ACTION_DIM, num_envs=NUM_ENVS, seed=0)
+    buffer = ReplayBuffer(transitions, shapes(False), ACTION_DIM, num_envs=NUM_ENVS, device=device, seed=0)
     empty = process.memory_info().rss
     rollout.run(buffer, transitions // 2)
     half, half_len = process.memory_info().rss, len(buffer)
     rollout.run(buffer, transitions - half_len)
+    gpu = torch.cuda.memory_allocated() if device == "cuda" else 0
     return {"before": before, "empty": empty, "half": half, "half_len": half_len, "full": process.memory_info().rss,
-            "len": len(buffer)}
+            "len": len(buffer), "gpu": gpu}
 
 
-def rss_in_subprocess(transitions: int) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, __file__, "--rss-only", str(transitions)], capture_output=True,
-                            text=True, check=True)
+def rss_in_subprocess(transitions: int, device: str) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, __file__, "--rss-only", str(transitions), "--memory-device", device],
+                            capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_cuda_memory(m: dict[str, Any]) -> None:
+    """The CUDA buffer's table: its storage is allocated on the GPU when it is created, so the GPU figure is the full
+    buffer's at any fill, and the host keeps only the per-frame bookkeeping and the pinned staging areas."""
+    print("| memory (image-only CUDA buffer, fresh process) | value |")
+    print("|---|---|")
+    print(f"| RSS before creating the buffer (interpreter + torch + CUDA context) | {m['before'] / GB:.3f} GB |")
+    print(f"| GPU memory allocated by the buffer ({m['len']:,} transitions) | {m['gpu'] / GB:.3f} GB "
+          f"({m['gpu'] / m['len']:,.0f} B per transition) |")
+    print(f"| RSS after {m['len']:,} transitions (host, whole process) | {m['full'] / GB:.3f} GB "
+          f"(+{(m['full'] - m['before']) / 1e6:.0f} MB) |")
+    host_marginal = (m["full"] - m["half"]) / (m["len"] - m["half_len"])  # fixed costs (staging) are in "half"
+    print(f"| host bytes per transition: second half of the fill only | {host_marginal:,.1f} |")
+    print(f"| 1,000,000 transitions, extrapolated: GPU memory / whole-process RSS | "
+          f"{m['gpu'] / m['len'] * 1e6 / GB:.2f} GB / {(m['full'] + host_marginal * (1e6 - m['len'])) / GB:.2f} GB "
+          f"(target <= 7.5 GB) |")
+    print()
 
 
 def machine_line() -> str:
@@ -131,19 +157,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=300, help="timed sample() calls per row")
     parser.add_argument("--quick", action="store_true", help="20,000 transitions and 100 repeats")
+    parser.add_argument("--memory-only", action="store_true", help="the memory tables alone, no sampling rows")
     parser.add_argument("--rss-only", type=int, metavar="N", help=argparse.SUPPRESS)  # the subprocess's job
+    parser.add_argument("--memory-device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_only:
-        print(json.dumps(measure_rss(args.rss_only)))
+        print(json.dumps(measure_rss(args.rss_only, args.memory_device)))
         return
     if args.quick:
         args.transitions, args.repeats = 20_000, 100
 
-    rss = rss_in_subprocess(args.transitions)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    memory = {device: rss_in_subprocess(args.transitions, device) for device in devices}
+    rss = memory["cpu"]
     torch.set_num_threads(1)
     rows = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    for device in devices if not args.memory_only else []:
         for with_vector in (False, True):
             buffer = ReplayBuffer(args.transitions, shapes(with_vector), ACTION_DIM, num_envs=NUM_ENVS,
                                   device=device, seed=0)
@@ -158,11 +187,12 @@ def main() -> None:
 
     per_transition = (rss["full"] - rss["before"]) / rss["len"]
     marginal = (rss["full"] - rss["half"]) / (rss["len"] - rss["half_len"])
-    print(f"### Replay buffer ({args.transitions:,} transitions stored, {args.repeats} timed batches)\n")
-    print("| what | median ms | min ms | max ms | notes |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
-    print()
+    if rows:
+        print(f"### Replay buffer ({args.transitions:,} transitions stored, {args.repeats} timed batches)\n")
+        print("| what | median ms | min ms | max ms | notes |")
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+        print()
     print("| memory (image-only, fresh process) | value |")
     print("|---|---|")
     print(f"| RSS before creating the buffer (interpreter + torch) | {rss['before'] / GB:.3f} GB |")
@@ -176,6 +206,8 @@ def main() -> None:
     print(f"| ReplayBuffer.estimate_nbytes(1,000,000) (used for the RAM warning) | "
           f"{ReplayBuffer.estimate_nbytes(1_000_000, shapes(False), ACTION_DIM, NUM_ENVS) / GB:.2f} GB |")
     print()
+    if "cuda" in memory:
+        print_cuda_memory(memory["cuda"])
     print(machine_line())
 
 

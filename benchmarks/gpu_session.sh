@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements recorded in BENCHMARKS.md and docs/example-report/, as they were run on the lent GPU machine
 # (Python 3.12 with torch and pytorch-lightning preinstalled; the other packages carried as wheels in .whl/).
-#   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time, kernel census, act time, buffer (one GPU)
+#   bash benchmarks/gpu_session.sh part1 OUTDIR   # GPU tests, update time, kernel census, act time, buffer and its
+#                                                 # memory at 1M transitions, CPU and CUDA storage (one GPU)
 #   bash benchmarks/gpu_session.sh sb3 OUTDIR     # lit_td3 vs SB3, side by side (one GPU)
 #   bash benchmarks/gpu_session.sh sb3fast OUTDIR # the same, lit_td3 with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
@@ -22,7 +23,7 @@ run() { local name=$1; shift; echo "== $name: $*"; ( time "$@" ) > "$out/$name.t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 case $part in
   part1)
-    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_clipping.py tests/test_buffer.py -k "gpu or cuda or GradScaler or graph or sync"
+    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_clipping.py tests/test_buffer.py tests/test_buffer_memory.py -k "gpu or cuda or GradScaler or graph or sync"
     run pytest_telemetry python3 -m pytest -q -p no:cacheprovider tests/test_telemetry.py tests/test_alerts.py
     run update_time python3 benchmarks/update_time.py --device cuda --paths pixel,state
     run update_time_cudnn python3 benchmarks/update_time.py --device cuda --paths pixel --variants graphs,graphs_bare \
@@ -31,6 +32,7 @@ case $part in
     run kernels_eager python3 benchmarks/kernels.py --variants trained,bare --updates 20
     run act_time python3 benchmarks/act_time.py --device cuda
     run buffer_quick python3 benchmarks/buffer.py --quick
+    run buffer_memory python3 benchmarks/buffer.py --transitions 1000000 --memory-only
     ;;
   sb3)
     run compare_sb3 python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 --warmup-steps 100
