@@ -101,7 +101,6 @@ def measure_rss(transitions: int, device: str) -> dict[str, Any]:
     process = psutil.Process()
     rollout = Rollout(with_vector=False)
     if device == "cuda":
-        torch.cuda.init()
         torch.empty(1, device=device)
     before = process.memory_info().rss
     buffer = ReplayBuffer(transitions, shapes(False), ACTION_DIM, num_envs=NUM_ENVS, device=device, seed=0)
