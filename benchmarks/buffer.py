@@ -119,6 +119,12 @@ def rss_in_subprocess(transitions: int, device: str) -> dict[str, Any]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def second_half_bytes(m: dict[str, Any]) -> float:
+    """Host RSS growth per transition over the second half of the fill: fixed costs (the allocator's, a CUDA
+    buffer's pinned staging) are all in place by the half, so this is what each further transition adds."""
+    return (m["full"] - m["half"]) / (m["len"] - m["half_len"])
+
+
 def print_cuda_memory(m: dict[str, Any]) -> None:
     """The CUDA buffer's table: its storage is allocated on the GPU when it is created, so the GPU figure is the full
     buffer's at any fill, and the host keeps only the per-frame bookkeeping and the pinned staging areas."""
@@ -129,7 +135,7 @@ def print_cuda_memory(m: dict[str, Any]) -> None:
           f"({m['gpu'] / m['len']:,.0f} B per transition) |")
     print(f"| RSS after {m['len']:,} transitions (host, whole process) | {m['full'] / GB:.3f} GB "
           f"(+{(m['full'] - m['before']) / 1e6:.0f} MB) |")
-    host_marginal = (m["full"] - m["half"]) / (m["len"] - m["half_len"])  # fixed costs (staging) are in "half"
+    host_marginal = second_half_bytes(m)
     print(f"| host bytes per transition: second half of the fill only | {host_marginal:,.1f} |")
     print(f"| 1,000,000 transitions, extrapolated: GPU memory / whole-process RSS | "
           f"{m['gpu'] / m['len'] * 1e6 / GB:.2f} GB / {(m['full'] + host_marginal * (1e6 - m['len'])) / GB:.2f} GB "
@@ -185,7 +191,7 @@ def main() -> None:
             del buffer
 
     per_transition = (rss["full"] - rss["before"]) / rss["len"]
-    marginal = (rss["full"] - rss["half"]) / (rss["len"] - rss["half_len"])
+    marginal = second_half_bytes(rss)
     if rows:
         print(f"### Replay buffer ({args.transitions:,} transitions stored, {args.repeats} timed batches)\n")
         print("| what | median ms | min ms | max ms | notes |")
