@@ -128,6 +128,19 @@ def check_device(device: str) -> None:
         raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine")
 
 
+STAGES = ("env_ms", "act_ms", "write_ms", "sample_ms", "update_ms")
+"""lit_td3's per-stage times (``perf/*``, README): env step or the wait for it, policy step, buffer write, sampling,
+update with Lightning's loop."""
+
+
+def stage_table(stages: dict[str, dict[str, list[float]]], label: str) -> str:
+    """One row per run kind (``label`` heads the column): each stage's median over the timed windows' log points,
+    ms per call, with min–max."""
+    rows = [[name] + [Summary.of(values[s]).text(3) if values.get(s) else "not logged" for s in STAGES]
+            for name, values in stages.items()]
+    return markdown_table([label, *(f"perf/{s}" for s in STAGES)], rows)
+
+
 class LearningWindow(pl.Callback):
     """Wall time, env steps and updates of a lit_td3 run between env step ``start`` and env step ``end``.
 
@@ -140,6 +153,9 @@ class LearningWindow(pl.Callback):
         self.start, self.end, self.device = start, end, device
         self.opened: tuple[float, int, int] | None = None
         self.closed: tuple[float, int, int] | None = None
+        self.stages: dict[str, list[float]] = {}
+        """``perf/<stage>`` of each log point whose interval lies inside the window (``stage_table``)."""
+        self._log_point = -1
 
     def _stamp(self, pl_module: Any) -> tuple[float, int, int]:
         synchronize(self.device)
@@ -150,8 +166,21 @@ class LearningWindow(pl.Callback):
         steps = pl_module.counters.env_steps
         if self.opened is None and steps >= self.start:
             self.opened = self._stamp(pl_module)
-        elif self.opened is not None and self.closed is None and steps >= self.end:
-            self.closed = self._stamp(pl_module)
+        elif self.opened is not None and self.closed is None:
+            if steps >= self.end:
+                self.closed = self._stamp(pl_module)
+            self._read_stages(pl_module, steps)
+
+    def _read_stages(self, pl_module: Any, steps: int) -> None:
+        # The stream logs perf/* at every multiple of log_every_n_env_steps, as means since the multiple before.
+        every = pl_module.log_every_n_env_steps
+        point = steps // every
+        if point != self._log_point and (point - 1) * every >= self.start:
+            for stage in STAGES:
+                value = pl_module.latest_metrics.get(f"perf/{stage}")
+                if value is not None:
+                    self.stages.setdefault(stage, []).append(value)
+        self._log_point = point
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if self.opened is not None and self.closed is None:

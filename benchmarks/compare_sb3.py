@@ -50,6 +50,7 @@ from common import (
     quiet,
     run_line,
     run_lit_td3,
+    stage_table,
     synchronize,
     time_lit_sampling,
     time_updates,
@@ -101,6 +102,7 @@ class Results:
     update_ms: list[float] = field(default_factory=list)
     sample_ms: list[float] = field(default_factory=list)
     parameters: tuple[int, int] = (0, 0)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # lit_td3's perf/* stage times
 
 
 # ---------------------------------------------------------------------------------------------------- the envs
@@ -142,6 +144,8 @@ def lit_round(path: str, pixel_env: str, budget: Budget, device: str, extra_args
     env_rate, update_rate, _ = run.window.rates()
     results.env_steps_per_s.append(env_rate)
     results.updates_per_s.append(update_rate)
+    for stage, values in run.window.stages.items():
+        results.stages.setdefault(stage, []).extend(values)
     batch_size = run.module.trainer.datamodule.batch_size
     timer = time_updates(run.module, buffer_sampler(run.buffer, batch_size), device=device,
                          iterations=budget.update_groups * run.policy_freq,
@@ -276,8 +280,10 @@ def report(path: str, pixel_env: str, budget: Budget, repeats: int, lit: Results
     parameters = (f"Parameters: lit_td3 actor {lit.parameters[0]:,} / critic {lit.parameters[1]:,}; "
                   f"SB3 actor {sb3.parameters[0]:,} / critic {sb3.parameters[1]:,}"
                   + (" (equal)" if lit.parameters == sb3.parameters else " (DIFFERENT: the comparison is off)"))
+    stages = ("lit_td3's learning phase stage by stage (`perf/*`, ms per call; medians over the timed windows' log "
+              "points, min–max):")
     return "\n".join([title, "", markdown_table(["measure", "lit_td3", "SB3", "speed-up (lit_td3 vs SB3)"], rows),
-                      "", parameters, ""])
+                      "", parameters, "", stages, "", stage_table({path: lit.stages}, "path"), ""])
 
 
 def rounds_table(path: str, lit: Results, sb3: Results) -> str:
@@ -289,7 +295,8 @@ def rounds_table(path: str, lit: Results, sb3: Results) -> str:
 DIFFERENCES = """Differences that remain (by design or not removable):
 - Env stepping: SB3 steps its env in the learner's process (DummyVecEnv), so env and update run one after the other;
   lit_td3 steps it in a worker process (gymnasium AsyncVectorEnv) while the learner updates. This is the design
-  under test.
+  under test (with --lit-arg=--data.async_envs=false lit_td3 steps it in-process too, and only a GPU learner's
+  asynchronous kernels overlap it).
 - Replay: SB3 stores full obs and next_obs stacks (optimize_memory_usage=False); lit_td3 stores each frame once and
   rebuilds stacks by index. SB3's update time includes its sampling (its train() samples); lit_td3's does not (the
   stream samples while the env steps), hence the separate sampling row.

@@ -38,6 +38,7 @@ from common import (
     quiet,
     run_line,
     run_lit_td3,
+    stage_table,
 )
 
 from lit_td3.data import RolloutDataModule
@@ -53,6 +54,7 @@ class Scaling:
     env_steps_per_s: list[float] = field(default_factory=list)
     updates_per_s: list[float] = field(default_factory=list)
     env_only_per_s: list[float] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # lit_td3's perf/* stage times
 
 
 def learning_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> None:
@@ -64,6 +66,8 @@ def learning_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> 
     env_rate, update_rate, _ = run.window.rates()
     result.env_steps_per_s.append(env_rate)
     result.updates_per_s.append(update_rate)
+    for stage, values in run.window.stages.items():
+        result.stages.setdefault(stage, []).extend(values)
     del run
     collect()
 
@@ -177,6 +181,9 @@ def main() -> None:
     print(f"{args.repeats} rounds of {args.steps:,} timed learning-phase env steps (after {args.learning_starts:,} "
           f"random + {args.warmup_steps:,} untimed); envs alone: {args.env_only_steps} timed vector steps.\n")
     print(report(args, results))
+    print("\nThe learning phase stage by stage (`perf/*`, ms per call; medians over the timed windows' log points, "
+          "min–max):\n")
+    print(stage_table({str(n): result.stages for n, result in results.items()}, "num_envs"))
     print(f"\nCommand: python benchmarks/env_scaling.py {' '.join(sys.argv[1:])}. {run_line(started)}")
     print(machine_line(args.device))
 

@@ -5,6 +5,7 @@
 #                                                 # memory at 1M transitions, CPU and CUDA storage (one GPU)
 #   bash benchmarks/gpu_session.sh sb3 OUTDIR     # lit_td3 vs SB3, side by side (one GPU)
 #   bash benchmarks/gpu_session.sh sb3fast OUTDIR # the same, lit_td3 with model.cuda_graphs and a CUDA buffer
+#   bash benchmarks/gpu_session.sh sync OUTDIR    # one env: async vs in-process (data.async_envs false), each vs SB3
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
 #   bash benchmarks/gpu_session.sh scalingfast OUTDIR # the same with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
@@ -40,6 +41,12 @@ case $part in
   sb3fast)
     run compare_sb3_fast python3 benchmarks/compare_sb3.py --device cuda --repeats 3 --steps 600 --learning-starts 1000 \
       --warmup-steps 100 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
+    ;;
+  sync)
+    fast="--lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda --lit-arg=--trainer.benchmark=true"
+    flags="--device cuda --paths pixel --repeats 2 --steps 600 --learning-starts 1000 --warmup-steps 100 --update-iterations 20"
+    run compare_sb3_async python3 benchmarks/compare_sb3.py $flags $fast
+    run compare_sb3_in_process python3 benchmarks/compare_sb3.py $flags $fast --lit-arg=--data.async_envs=false
     ;;
   scaling)
     run env_scaling python3 benchmarks/env_scaling.py --device cuda --num-envs 1,8

@@ -357,7 +357,9 @@ class RolloutDataModule(pl.LightningDataModule):
         if self.pending_actions is None:
             if agent.counters.env_steps >= self.learning_starts:
                 self.update_credit += self.num_envs * self.replay_ratio
+            t0 = time.perf_counter()
             self.pending_actions = self.explore(self.envs, agent)
+            self.timings.add("act_ms", time.perf_counter() - t0)
         return self.pending_actions
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -415,7 +417,9 @@ class RolloutDataModule(pl.LightningDataModule):
         if self._unwritten is not None:
             *transitions, valid = self._unwritten
             self._unwritten = None  # first: a write that raises is not tried again by the stream's cleanup
+            t0 = time.perf_counter()
             self.buffer.add(*transitions, valid=valid)
+            self.timings.add("write_ms", time.perf_counter() - t0)
 
     def _report_nonfinite(self, i: int, info: Mapping[str, Any], counters: Any) -> None:
         """Counts and reports a step whose NaN/inf output the env boundary rejected (``wrappers.RejectNonFinite``)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -110,6 +111,23 @@ def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
     assert early.min() < -0.8 and early.max() > 0.8  # uniform over [-1, 1], the policy ignored
     assert abs(late.mean() - 0.5) < 0.05 and 0.07 < late.std() < 0.13  # mu(s) + N(0, 0.1)
     assert late.min() >= -1.0 and late.max() <= 1.0
+
+
+def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_env_step() -> None:
+    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", async_envs=False, total_env_steps=20, learning_starts=0,
+                           buffer_size=100, batch_size=1, exploration_noise=0.0)
+    dm.setup("fit")
+    agent, add, flush = FakeAgent(), dm.buffer.add, dm.timings.flush
+    act, flushed = agent.act, []
+    agent.act = lambda obs: (time.sleep(0.02), act(obs))[1]
+    dm.buffer.add = lambda *args, **kwargs: (time.sleep(0.03), add(*args, **kwargs))[1]
+    dm.timings.flush = lambda *args: flushed.append(flush(*args)) or flushed[-1]
+    assert len(list(RolloutStream(dm, agent))) == 20
+    perf = flushed[-1]  # the stream's last log point: all 20 env steps
+    assert perf["perf/act_ms"] >= 20 and perf["perf/write_ms"] >= 30
+    assert perf["perf/env_ms"] < 10  # a Countdown step takes microseconds: neither sleep is counted in it
+    # One env, synchronous: the three stages are disjoint parts of each env step's wall time.
+    assert perf["perf/env_ms"] + perf["perf/act_ms"] + perf["perf/write_ms"] <= 1000 / perf["perf/env_steps_per_s"]
 
 
 def test_env_actions_are_rescaled_to_the_env_bounds() -> None:
