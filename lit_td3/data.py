@@ -11,6 +11,7 @@ yields the batches due while the env worker processes compute (the learner updat
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import time
 import warnings
@@ -99,9 +100,8 @@ class RolloutStream(IterableDataset):
                 # after this write, so it draws from the same transitions as it would with the write done first.
                 dm.write_transitions()
                 yield from self._batches_due()
-                t0 = time.perf_counter()
-                step = envs.step_wait() if overlapped else envs.step(actions)
-                dm.timings.add("env_ms", time.perf_counter() - t0)
+                with dm.timings.timed("env_ms"):
+                    step = envs.step_wait() if overlapped else envs.step(actions)
                 dm.record(actions, *step, agent=self.agent)
         finally:
             dm.write_transitions()  # also when an env fails: a crash checkpoint's buffer holds every counted step
@@ -148,6 +148,15 @@ class Timings:
     def add(self, key: str, seconds: float) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + seconds
         self.counts[key] = self.counts.get(key, 0) + 1
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Adds the wall time of the ``with`` block to ``key`` (also when it raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(key, time.perf_counter() - start)
 
     def flush(self, env_steps: int, updates: int) -> dict[str, float]:
         """Means since the last flush, given the run's current env-step and update totals."""
@@ -357,9 +366,8 @@ class RolloutDataModule(pl.LightningDataModule):
         if self.pending_actions is None:
             if agent.counters.env_steps >= self.learning_starts:
                 self.update_credit += self.num_envs * self.replay_ratio
-            t0 = time.perf_counter()
-            self.pending_actions = self.explore(self.envs, agent)
-            self.timings.add("act_ms", time.perf_counter() - t0)
+            with self.timings.timed("act_ms"):
+                self.pending_actions = self.explore(self.envs, agent)
         return self.pending_actions
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -417,9 +425,8 @@ class RolloutDataModule(pl.LightningDataModule):
         if self._unwritten is not None:
             *transitions, valid = self._unwritten
             self._unwritten = None  # first: a write that raises is not tried again by the stream's cleanup
-            t0 = time.perf_counter()
-            self.buffer.add(*transitions, valid=valid)
-            self.timings.add("write_ms", time.perf_counter() - t0)
+            with self.timings.timed("write_ms"):
+                self.buffer.add(*transitions, valid=valid)
 
     def _report_nonfinite(self, i: int, info: Mapping[str, Any], counters: Any) -> None:
         """Counts and reports a step whose NaN/inf output the env boundary rejected (``wrappers.RejectNonFinite``)."""
