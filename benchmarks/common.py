@@ -133,12 +133,16 @@ STAGES = ("env_ms", "act_ms", "write_ms", "sample_ms", "update_ms")
 update with Lightning's loop."""
 
 
-def stage_table(stages: dict[str, dict[str, list[float]]], label: str) -> str:
-    """One row per run kind (``label`` heads the column): each stage's median over the timed windows' log points,
-    ms per call, with min–max."""
+def stage_section(stages: dict[str, dict[str, list[float]]], label: str) -> str:
+    """lit_td3's learning phase stage by stage: one row per run kind (``label`` heads the column), each stage's median
+    over the timed windows' log points, ms per call, with min–max; or a line saying that none fell inside them."""
+    if not any(stages.values()):
+        return ("lit_td3's stage timings (`perf/*`): no log point fell inside the timed windows (more timed steps, or a "
+                "smaller --lit-arg=--model.log_every_n_env_steps=N).")
     rows = [[name] + [Summary.of(values[s]).text(3) if values.get(s) else "not logged" for s in STAGES]
             for name, values in stages.items()]
-    return markdown_table([label, *(f"perf/{s}" for s in STAGES)], rows)
+    return ("lit_td3's learning phase stage by stage (`perf/*`, ms per call; medians over the timed windows' log "
+            "points, min–max):\n\n" + markdown_table([label, *(f"perf/{s}" for s in STAGES)], rows))
 
 
 class LearningWindow(pl.Callback):
@@ -154,7 +158,7 @@ class LearningWindow(pl.Callback):
         self.opened: tuple[float, int, int] | None = None
         self.closed: tuple[float, int, int] | None = None
         self.stages: dict[str, list[float]] = {}
-        """``perf/<stage>`` of each log point whose interval lies inside the window (``stage_table``)."""
+        """``perf/<stage>`` of each log point whose interval lies inside the window (``stage_section``)."""
         self._log_point = -1
 
     def _stamp(self, pl_module: Any) -> tuple[float, int, int]:

@@ -50,7 +50,7 @@ from common import (
     quiet,
     run_line,
     run_lit_td3,
-    stage_table,
+    stage_section,
     synchronize,
     time_lit_sampling,
     time_updates,
@@ -280,10 +280,8 @@ def report(path: str, pixel_env: str, budget: Budget, repeats: int, lit: Results
     parameters = (f"Parameters: lit_td3 actor {lit.parameters[0]:,} / critic {lit.parameters[1]:,}; "
                   f"SB3 actor {sb3.parameters[0]:,} / critic {sb3.parameters[1]:,}"
                   + (" (equal)" if lit.parameters == sb3.parameters else " (DIFFERENT: the comparison is off)"))
-    stages = ("lit_td3's learning phase stage by stage (`perf/*`, ms per call; medians over the timed windows' log "
-              "points, min–max):")
     return "\n".join([title, "", markdown_table(["measure", "lit_td3", "SB3", "speed-up (lit_td3 vs SB3)"], rows),
-                      "", parameters, "", stages, "", stage_table({path: lit.stages}, "path"), ""])
+                      "", parameters, "", stage_section({path: lit.stages}, "path"), ""])
 
 
 def rounds_table(path: str, lit: Results, sb3: Results) -> str:

@@ -38,7 +38,7 @@ from common import (
     quiet,
     run_line,
     run_lit_td3,
-    stage_table,
+    stage_section,
 )
 
 from lit_td3.data import RolloutDataModule
@@ -181,9 +181,8 @@ def main() -> None:
     print(f"{args.repeats} rounds of {args.steps:,} timed learning-phase env steps (after {args.learning_starts:,} "
           f"random + {args.warmup_steps:,} untimed); envs alone: {args.env_only_steps} timed vector steps.\n")
     print(report(args, results))
-    print("\nThe learning phase stage by stage (`perf/*`, ms per call; medians over the timed windows' log points, "
-          "min–max):\n")
-    print(stage_table({str(n): result.stages for n, result in results.items()}, "num_envs"))
+    print()
+    print(stage_section({str(n): result.stages for n, result in results.items()}, "num_envs"))
     print(f"\nCommand: python benchmarks/env_scaling.py {' '.join(sys.argv[1:])}. {run_line(started)}")
     print(machine_line(args.device))
 
