@@ -186,6 +186,11 @@ class LearningWindow(pl.Callback):
                     self.stages.setdefault(stage, []).append(value)
         self._log_point = point
 
+    def pool_stages(self, pooled: dict[str, list[float]]) -> None:
+        """Adds this window's stage times to ``pooled`` (stage -> values over several runs)."""
+        for stage, values in self.stages.items():
+            pooled.setdefault(stage, []).extend(values)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if self.opened is not None and self.closed is None:
             self.closed = self._stamp(pl_module)

@@ -144,8 +144,7 @@ def lit_round(path: str, pixel_env: str, budget: Budget, device: str, extra_args
     env_rate, update_rate, _ = run.window.rates()
     results.env_steps_per_s.append(env_rate)
     results.updates_per_s.append(update_rate)
-    for stage, values in run.window.stages.items():
-        results.stages.setdefault(stage, []).extend(values)
+    run.window.pool_stages(results.stages)
     batch_size = run.module.trainer.datamodule.batch_size
     timer = time_updates(run.module, buffer_sampler(run.buffer, batch_size), device=device,
                          iterations=budget.update_groups * run.policy_freq,

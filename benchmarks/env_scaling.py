@@ -66,8 +66,7 @@ def learning_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> 
     env_rate, update_rate, _ = run.window.rates()
     result.env_steps_per_s.append(env_rate)
     result.updates_per_s.append(update_rate)
-    for stage, values in run.window.stages.items():
-        result.stages.setdefault(stage, []).extend(values)
+    run.window.pool_stages(result.stages)
     del run
     collect()
 
