@@ -69,17 +69,18 @@ def rgb_frames(count: int, seed: int) -> list[np.ndarray]:
 
 def grayscale_us(frames: list[np.ndarray], repeats: int) -> dict[str, Summary]:
     """Microseconds per frame of gymnasium's grayscale and lit_td3's, in alternating rounds over ``frames``."""
-    stock = gym.wrappers.GrayscaleObservation(gym.make(CAR_RACING_ENV_ID), keep_dim=False).observation
-    converters = {"gymnasium GrayscaleObservation": stock, "lit_td3 grayscale": grayscale}
-    if not all(np.array_equal(stock(frame), grayscale(frame)) for frame in frames):
-        raise SystemExit("lit_td3's grayscale differs from gymnasium's on the env's frames")
-    times: dict[str, list[float]] = {name: [] for name in converters}
-    for r in range(repeats):
-        for name in converters if r % 2 == 0 else list(converters)[::-1]:
-            start = time.perf_counter()
-            for frame in frames:
-                converters[name](frame)
-            times[name].append((time.perf_counter() - start) / len(frames) * 1e6)
+    # gymnasium's conversion is its wrapper's observation method: the wrapper needs an env, never stepped here.
+    with gym.wrappers.GrayscaleObservation(gym.make(CAR_RACING_ENV_ID), keep_dim=False) as wrapper:
+        converters = {"gymnasium GrayscaleObservation": wrapper.observation, "lit_td3 grayscale": grayscale}
+        if not all(np.array_equal(wrapper.observation(frame), grayscale(frame)) for frame in frames):
+            raise SystemExit("lit_td3's grayscale differs from gymnasium's on the env's frames")
+        times: dict[str, list[float]] = {name: [] for name in converters}
+        for r in range(repeats):
+            for name in converters if r % 2 == 0 else list(converters)[::-1]:
+                start = time.perf_counter()
+                for frame in frames:
+                    converters[name](frame)
+                times[name].append((time.perf_counter() - start) / len(frames) * 1e6)
     return {name: Summary.of(values) for name, values in times.items()}
 
 

@@ -23,10 +23,17 @@ CAR_RACING_ENV_ID = "lit_td3/CarRacing-v3"
 if CARLA_ENV_ID not in gym.registry:
     gym.register(id=CARLA_ENV_ID, entry_point="lit_td3.envs.carla:CarlaLaneKeepingEnv",
                  kwargs={"env_index": 0, "max_episode_steps": 500})
+
+
+def _register_car_racing() -> None:
+    """``lit_td3/CarRacing-v3`` with gymnasium's own kwargs, time limit and reward threshold for CarRacing-v3."""
+    stock = gym.spec("CarRacing-v3")
+    gym.register(id=CAR_RACING_ENV_ID, entry_point="lit_td3.envs.car_racing:make", kwargs=stock.kwargs,
+                 max_episode_steps=stock.max_episode_steps, reward_threshold=stock.reward_threshold)
+
+
 if CAR_RACING_ENV_ID not in gym.registry:
-    _stock = gym.spec("CarRacing-v3")
-    gym.register(id=CAR_RACING_ENV_ID, entry_point="lit_td3.envs.car_racing:make", kwargs=_stock.kwargs,
-                 max_episode_steps=_stock.max_episode_steps, reward_threshold=_stock.reward_threshold)
+    _register_car_racing()
 
 __all__ = ["CARLA_ENV_ID", "CAR_RACING_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
 
