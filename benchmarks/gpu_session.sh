@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
 #   bash benchmarks/gpu_session.sh scalingfast OUTDIR # the same with model.cuda_graphs and a CUDA buffer
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
-#   bash benchmarks/gpu_session.sh ddp OUTDIR     # 1 vs 2 GPUs through DDP (a machine with 2 GPUs)
+#   bash benchmarks/gpu_session.sh ddp OUTDIR     # the DDP tests on NCCL, then 1 vs 2 GPUs (a machine with 2 GPUs)
 #   bash benchmarks/gpu_session.sh render OUTDIR  # the embedded env vs gymnasium's renderer, then SB3 on each
 #   bash benchmarks/gpu_session.sh builds OUTDIR OLDTREE  # one env, this tree vs another build, alternating rounds
 #     (OLDTREE: an unpacked `git archive REV`, inside this tree so that it travels to the GPU machine)
@@ -24,7 +24,7 @@ run() { local name=$1; shift; echo "== $name: $*"; ( time "$@" ) > "$out/$name.t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 case $part in
   part1)
-    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_clipping.py tests/test_buffer.py tests/test_buffer_memory.py -k "gpu or cuda or GradScaler or graph or sync"
+    run pytest_gpu python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_clipping.py tests/test_buffer.py tests/test_buffer_memory.py tests/test_resume.py -k "gpu or cuda or GradScaler or graph or sync"
     run pytest_telemetry python3 -m pytest -q -p no:cacheprovider tests/test_telemetry.py tests/test_alerts.py
     run update_time python3 benchmarks/update_time.py --device cuda --paths pixel,state
     run update_time_cudnn python3 benchmarks/update_time.py --device cuda --paths pixel --variants graphs,graphs_bare \
@@ -66,6 +66,7 @@ case $part in
     tar czf "$out/ab_runs.tgz" --exclude='*.pt' --exclude='*.ckpt' $ab
     ;;
   ddp)
+    run pytest_ddp_nccl python3 -m pytest -q -p no:cacheprovider tests/test_ddp.py -k gpu
     run ddp_scaling python3 benchmarks/ddp_scaling.py --devices 1,2
     ;;
   render)

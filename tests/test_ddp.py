@@ -1,9 +1,11 @@
-"""Distributed data-parallel TD3 through Lightning's DDP: 2 ranks on the CPU (gloo), real subprocesses."""
+"""Distributed data-parallel TD3 through Lightning's DDP: 2 ranks, real subprocesses; on the CPU (gloo) everywhere,
+and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -11,7 +13,12 @@ from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
-DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs"))])
+def ddp(request: pytest.FixtureRequest) -> list[str]:
+    """The trainer flags of a 2-rank DDP run: gloo on the CPU, NCCL on 2 GPUs."""
+    return ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", request.param]
 
 
 def ddp_config(tmp_path: Path, total: int) -> Path:
@@ -23,9 +30,9 @@ def ddp_config(tmp_path: Path, total: int) -> Path:
     return path
 
 
-def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) -> None:
+def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, ddp: list[str]) -> None:
     config = ddp_config(tmp_path, total=400)
-    first = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *DDP, timeout=600)
+    first = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *ddp, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     run = tmp_path / "run"
     ranks = [torch.load(run / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
@@ -55,7 +62,7 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) 
     assert len(streams) == 2 and streams[0]["rng"] != streams[1]["rng"]
     assert [len(r["counters"]) > 0 for r in saved["lit_td3"]["ranks"]] == [True, True]
 
-    second = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *DDP,
+    second = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *ddp,
                      "--data.total_env_steps", "600", "--ckpt_path", "last", timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     ranks = [torch.load(run / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
@@ -72,13 +79,13 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path) 
     assert "2 rank(s)" in single.stderr and "1" in single.stderr
 
 
-def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Path) -> None:
+def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Path, ddp: list[str]) -> None:
     # "module:id": each rank imports the module that registers the faulty env, as gymnasium.make does
     config = small_run_config(tmp_path, every=100, env_id=f"tests.test_faults:{FAULTY_ENV_ID}", total=200,
                               learning_starts=100, episode_steps=50,
                               extra={"data": {"async_envs": False, "eval_episodes": 0,
                                               "env_kwargs": {"nan_reward_at": [30], "faulty_envs": [1]}}})
-    done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *DDP, timeout=600)
+    done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *ddp, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     # only rank 1's env faults, at its 30th step: global env step 60 (both ranks step in lockstep)
     assert env_steps_named(done.stderr, "env 1 returned a non-finite reward") == [60]

@@ -6,6 +6,7 @@ thread (two processes on two cores otherwise fight over threads and take four ti
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -325,3 +326,54 @@ def test_a_checkpoint_loads_with_new_training_settings(tmp_path: Path, finished_
     assert final["datamodule_hyper_parameters"]["exploration_noise"] == 0.2
     clip = load_run(config.parent / "run")["gradients/critic_clip_fraction"]
     assert clip.steps.max() <= 200  # clipping telemetry stops where the run continued without clipping
+
+
+# ---------------------------------------------------------------------------------------------------- device move
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+# The GPU's fastest settings (CUDA graphs keep Adam's state capturable on the GPU; a CUDA buffer) and the CPU's own
+# (no graphs; channels_last convolutions; a CPU buffer): the two most different layouts a checkpoint can move between.
+ON_GPU = ("--trainer.accelerator", "gpu", "--model.cuda_graphs", "true", "--data.buffer_device", "cuda")
+ON_CPU = ("--trainer.accelerator", "cpu", "--model.cuda_graphs", "false", "--data.buffer_device", "cpu")
+
+
+def is_channels_last(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+@needs_gpu
+def test_a_checkpoint_moves_from_the_gpu_to_the_cpu_and_back(tmp_path: Path) -> None:
+    config = run_config(tmp_path, env_id="lit_td3/CarRacing-v3", total=100, every=50, episode_steps=25,
+                        learning_starts=25, data={"async_envs": False, **SMALL_PIXELS})
+    folder = checkpoints_of(config)
+    legs = [(ON_GPU, 100), (ON_CPU, 150), (ON_GPU, 200)]
+    saved = []
+    for leg, (device, total) in enumerate(legs):
+        resume = ("--ckpt_path", "last") if leg else ()
+        done = fit(config, *device, "--data.total_env_steps", str(total), *resume)
+        assert done.returncode == 0, done.stderr[-3000:]
+        if leg:
+            assert f"(env step {legs[leg - 1][1]})" in done.stderr
+        saved.append(load(folder / "last.ckpt"))
+        shutil.copy(folder / f"replay_buffer-env_step={total}.pt", tmp_path / f"buffer_{total}.pt")
+
+    for (before, after), (_, total) in zip(itertools.pairwise(saved), legs[1:]):
+        assert after["lit_td3"]["counters"]["env_steps"] == total
+        for counter in ("critic_updates", "actor_updates"):
+            assert after["lit_td3"]["counters"][counter] > before["lit_td3"]["counters"][counter]
+        weights = after["state_dict"]
+        assert all(torch.isfinite(value).all() for value in weights.values())
+        first_conv = "actor.encoder.cnn.convs.0.weight"
+        assert not torch.equal(weights[first_conv], before["state_dict"][first_conv])  # trained on from the loaded
+    # each leg's buffer holds the one before it unchanged, then its own 50 transitions
+    for (_, before), (_, after) in itertools.pairwise(legs):
+        previous, current = (ReplayBuffer.from_file(tmp_path / f"buffer_{n}.pt") for n in (before, after))
+        assert len(current) == len(previous) + 50
+        kept = torch.arange(len(previous))
+        torch.testing.assert_close(tuple(current.get(kept)), tuple(previous.get(kept)), rtol=0, atol=0)
+    # each leg trained in its own layout: a convolution's Adam moments are channels_last on the CPU only
+    conv_moments = [[state["exp_avg"] for optimizer in checkpoint["optimizer_states"]
+                     for state in optimizer["state"].values() if state["exp_avg"].dim() == 4]
+                    for checkpoint in saved]
+    assert [[is_channels_last(moment) for moment in leg] for leg in conv_moments] == [
+        [False] * len(conv_moments[0]), [True] * len(conv_moments[0]), [False] * len(conv_moments[0])]
+    assert len(conv_moments[0]) == 2 * 3  # actor and critic encoders, three convolutions each
