@@ -20,6 +20,9 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 SMALL_IMAGE = {"image": [4, 36, 36], "vector": [3]}
 SMALL_NET = {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 8, 8]}
 
+# The GPU-only tests; the GPU machine runs them (benchmarks/gpu_session.sh part1).
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+
 
 def random_batch(shapes: dict[str, list[int]], action_dim: int, batch: int = 16, *, reward_scale: float = 1.0,
                  seed: int = 0) -> Transition:

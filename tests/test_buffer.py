@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import lit_td3.buffer as buffer_module
 from lit_td3.buffer import ReplayBuffer, Transition
 from lit_td3.files import CheckpointWriteError
+from tests.conftest import needs_gpu
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FRAME_HW = (3, 2)
@@ -288,7 +289,7 @@ def test_batches_have_the_documented_dtypes_shapes_and_device(device: str) -> No
     assert {t.device.type for t in (batch.obs["image"], batch.next_obs["vector"], batch.action)} == {device}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_gpu
 def test_cuda_buffer_adds_and_samples_without_waiting_for_the_gpu() -> None:
     """The rollout writes while the learner's update runs on the GPU: an add that synchronized (a pageable copy,
     reading frames back) would make the env step wait for the update."""
@@ -308,7 +309,7 @@ def test_cuda_buffer_adds_and_samples_without_waiting_for_the_gpu() -> None:
     assert naive.total == 60 and len(buffer) == 12
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_gpu
 def test_cuda_buffer_rows_survive_a_gpu_that_lags_behind_the_adds() -> None:
     """An add's rows reach the GPU from a pinned staging area that the add after next refills. With a long kernel
     queued before every add, the host runs several adds ahead of the copies; each copy must still carry its own

@@ -11,8 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-import torch
+from tests.conftest import needs_gpu
 
 FRAME_BYTES = 84 * 84
 TRANSITIONS = 200_000
@@ -74,7 +73,7 @@ def test_200k_image_transitions_stay_within_one_frame_each_of_resident_memory() 
         assert rss["full"] <= 1.6 * 2**30  # whole process, torch included (floor: 200k frames = 1.31 GiB)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_gpu
 def test_a_cuda_buffer_keeps_its_frames_in_gpu_memory_and_next_to_nothing_on_the_host() -> None:
     mem = fill("cuda")
     assert mem["len"] == TRANSITIONS

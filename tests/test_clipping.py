@@ -11,7 +11,12 @@ from pytorch_lightning.plugins import MixedPrecision
 
 from lit_td3.module import GradientClipping, TD3Module
 from lit_td3.networks import split_parameters
-from tests.conftest import EnvStepPerBatch, fit_on_random_batches, make_module
+from tests.conftest import (
+    EnvStepPerBatch,
+    fit_on_random_batches,
+    make_module,
+    needs_gpu,
+)
 
 
 class PostClipNorms(pl.Callback):
@@ -60,7 +65,7 @@ def test_post_clip_norm_never_exceeds_the_limit(precision: str) -> None:
     assert max(n for n in probe.pre_clip_critic if math.isfinite(n)) > 100.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@needs_gpu
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
 def test_post_clip_norm_on_the_gpu_with_lightnings_own_scaler(precision: str) -> None:
     torch.manual_seed(0)

@@ -24,10 +24,9 @@ from tests.conftest import (
     fit_batches,
     fit_on_random_batches,
     make_module,
+    needs_gpu,
     random_batch,
 )
-
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 
 def test_cuda_graphs_are_refused_off_the_gpu_naming_the_field_and_the_device() -> None:

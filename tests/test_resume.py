@@ -23,6 +23,7 @@ import yaml
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.checkpoints import CheckpointError, resolve_checkpoint
 from lit_td3.report import load_run
+from tests.conftest import needs_gpu
 from tests.test_cli import small_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,7 +330,6 @@ def test_a_checkpoint_loads_with_new_training_settings(tmp_path: Path, finished_
 
 
 # ---------------------------------------------------------------------------------------------------- device move
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 # The GPU's fastest settings (CUDA graphs keep Adam's state capturable on the GPU; a CUDA buffer) and the CPU's own
 # (no graphs; channels_last convolutions; a CPU buffer): the two most different layouts a checkpoint can move between.
 ON_GPU = ("--trainer.accelerator", "gpu", "--model.cuda_graphs", "true", "--data.buffer_device", "cuda")
