@@ -374,6 +374,5 @@ def test_a_checkpoint_moves_from_the_gpu_to_the_cpu_and_back(tmp_path: Path) -> 
     conv_moments = [[state["exp_avg"] for optimizer in checkpoint["optimizer_states"]
                      for state in optimizer["state"].values() if state["exp_avg"].dim() == 4]
                     for checkpoint in saved]
-    assert [[is_channels_last(moment) for moment in leg] for leg in conv_moments] == [
-        [False] * len(conv_moments[0]), [True] * len(conv_moments[0]), [False] * len(conv_moments[0])]
-    assert len(conv_moments[0]) == 2 * 3  # actor and critic encoders, three convolutions each
+    assert [len(leg) for leg in conv_moments] == [2 * 3] * 3  # actor and critic encoders, three convolutions each
+    assert [{is_channels_last(moment) for moment in leg} for leg in conv_moments] == [{False}, {True}, {False}]
