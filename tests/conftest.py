@@ -24,6 +24,11 @@ SMALL_NET = {"hidden_sizes": [32, 32], "cnn_features": 32, "cnn_channels": [8, 8
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 
 
+def is_channels_last(tensor: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels_last, and really re-laid: a 1x1 kernel is contiguous both ways."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
 def random_batch(shapes: dict[str, list[int]], action_dim: int, batch: int = 16, *, reward_scale: float = 1.0,
                  seed: int = 0) -> Transition:
     g = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ import yaml
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.checkpoints import CheckpointError, resolve_checkpoint
 from lit_td3.report import load_run
-from tests.conftest import needs_gpu
+from tests.conftest import is_channels_last, needs_gpu
 from tests.test_cli import small_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,10 +334,6 @@ def test_a_checkpoint_loads_with_new_training_settings(tmp_path: Path, finished_
 # (no graphs; channels_last convolutions; a CPU buffer): the two most different layouts a checkpoint can move between.
 ON_GPU = ("--trainer.accelerator", "gpu", "--model.cuda_graphs", "true", "--data.buffer_device", "cuda")
 ON_CPU = ("--trainer.accelerator", "cpu", "--model.cuda_graphs", "false", "--data.buffer_device", "cpu")
-
-
-def is_channels_last(tensor: torch.Tensor) -> bool:
-    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
 @needs_gpu
