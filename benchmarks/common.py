@@ -128,9 +128,9 @@ def check_device(device: str) -> None:
         raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA device on this machine")
 
 
-STAGES = ("env_ms", "act_ms", "write_ms", "sample_ms", "update_ms")
-"""lit_td3's per-stage times (``perf/*``, README): env step or the wait for it, policy step, buffer write, sampling,
-update with Lightning's loop."""
+STAGES = ("env_ms", "env_step_ms", "act_ms", "write_ms", "sample_ms", "update_ms")
+"""lit_td3's per-stage times (``perf/*``, README): env step or the wait for it, the env step's own time where the env
+runs, policy step, buffer write, sampling, update with Lightning's loop."""
 
 
 def stage_section(stages: dict[str, dict[str, list[float]]], label: str) -> str:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_td3.buffer import ReplayBuffer
 from lit_td3.config import ConfigError, check
 from lit_td3.distributed import gather_from_ranks
-from lit_td3.envs import DISCARD_KEY, check_env_id, make_env
+from lit_td3.envs import DISCARD_KEY, STEP_TIME_KEY, check_env_id, make_env
 from lit_td3.envs.wrappers import NONFINITE_FIELDS_KEY, NONFINITE_KEY
 from lit_td3.scalars import log_scalars
 
@@ -50,14 +50,19 @@ class EpisodeResult:
     frames: np.ndarray | None = None  # T×H×W uint8, kept for the first evaluation episode only
 
 
+BOOKKEEPING_KEYS = (DISCARD_KEY, STEP_TIME_KEY)
+"""lit_td3's own per-step ``info`` keys: the stream acts on them, they are not episode stats."""
+
+
 def numeric_info(info: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric scalars of an env's final ``info`` (nested values, e.g. per-step dicts, are not episode stats)."""
-    return {
-        key: float(value)
-        for key, value in info.items()
-        if isinstance(value, (bool, int, float, np.number, np.bool_))
-        or (isinstance(value, np.ndarray) and value.shape == () and value.dtype != object)
-    }
+    """The numeric scalars of an env's final ``info`` (nested values, e.g. per-step dicts, are not episode stats; nor
+    are ``BOOKKEEPING_KEYS``)."""
+    return {key: float(value) for key, value in info.items() if key not in BOOKKEEPING_KEYS and is_number(value)}
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, np.number, np.bool_)) or (
+        isinstance(value, np.ndarray) and value.shape == () and value.dtype != object)
 
 
 def final_info_of(infos: Mapping[str, Any], env: int) -> dict[str, Any]:
@@ -406,12 +411,14 @@ class RolloutDataModule(pl.LightningDataModule):
         self.pending_actions = None
         counters = agent.counters
         counters.env_steps += self.num_envs * self.world_size  # data.total_env_steps is global: ranks step in lockstep
+        stepped = infos.get(f"_{STEP_TIME_KEY}")
+        if stepped is not None and stepped.any():  # an env that ended in this step has its time in final_info
+            self.timings.add("env_step_ms", float(infos[STEP_TIME_KEY][stepped].mean()))
         self._episode_returns += np.where(discard, 0.0, reward)
         self._episode_lengths += 1
         for i in np.flatnonzero(done):
             self._report_nonfinite(i, final_info_of(infos, i), counters)
             info = numeric_info(final_info_of(infos, i))
-            info.pop(DISCARD_KEY, None)
             info["faults"] = float(discard[i])
             self._close_episode(i, info, counters)
         self._log_progress(counters, agent.log_every_n_env_steps)
@@ -510,9 +517,7 @@ class RolloutDataModule(pl.LightningDataModule):
             obs, reward, terminated, truncated, info = env.step(action)
             total, length = total + float(reward), length + 1
             if terminated or truncated:
-                info = numeric_info(info)
-                info.pop(DISCARD_KEY, None)
-                return EpisodeResult(total, length, info, np.stack(frames) if frames else None)
+                return EpisodeResult(total, length, numeric_info(info), np.stack(frames) if frames else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from lit_td3.envs import STEP_TIME_KEY
 from lit_td3.report import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ CNN_TAGS = ["gradients/actor_cnn_norm", "gradients/critic_cnn_norm"]
 TRAIN_TAGS = ["train/actor_loss", "train/critic_loss", "train/q1", "train/q2", "train/q_gap",
               "alerts/gradient_warning", "alerts/gradient_critical", "alerts/nonfinite_steps"]
 ROLLOUT_TAGS = ["rollout/episode_return", "rollout/episode_length", "eval/return", "eval/episode_length",
-                "perf/env_steps_per_s", "perf/updates_per_s"]
+                "perf/env_steps_per_s", "perf/updates_per_s", "perf/env_ms", "perf/env_step_ms"]
 
 
 def small_run_config(tmp_path: Path, *, every: int, env_id: str, total: int, learning_starts: int,
@@ -86,6 +87,7 @@ def test_fit_writes_every_tag_against_env_steps(tmp_path: Path, env_id: str, tag
     run = load_run(tmp_path / "run")
     missing = [t for t in tags if t not in run.tags]
     assert not missing, f"missing tags {missing}; have {sorted(run.tags)}"
+    assert not [t for t in run.tags if STEP_TIME_KEY in t]  # a per-step time, not an episode stat
     # the x-axis is env steps: learning starts at 100 and the run ends at 300
     assert run["train/critic_loss"].steps.min() >= 100
     assert run["train/critic_loss"].steps.max() <= 300

@@ -12,18 +12,19 @@ import pytest
 import torch
 
 from lit_td3.data import RolloutDataModule, RolloutStream, numeric_info
-from lit_td3.envs import DISCARD_KEY
+from lit_td3.envs import DISCARD_KEY, STEP_TIME_KEY
 from lit_td3.module import RunCounters
 
 
 class Countdown(gym.Env):
-    """obs = [t, episode]; terminates when t reaches `terminate_at` (if set), fault at `discard_at` (if set)."""
+    """obs = [t, episode]; terminates when t reaches `terminate_at` (if set), fault at `discard_at` (if set); each
+    step takes `delay` seconds."""
 
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
     action_space = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
 
-    def __init__(self, terminate_at: int | None = None, discard_at: int | None = None) -> None:
-        self.terminate_at, self.discard_at = terminate_at, discard_at
+    def __init__(self, terminate_at: int | None = None, discard_at: int | None = None, delay: float = 0.0) -> None:
+        self.terminate_at, self.discard_at, self.delay = terminate_at, discard_at, delay
         self.episode = -1
 
     def reset(self, *, seed: int | None = None, options: Any = None) -> tuple[np.ndarray, dict]:
@@ -35,6 +36,7 @@ class Countdown(gym.Env):
         return np.array([self.t, self.episode], dtype=np.float32)
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        time.sleep(self.delay)
         self.t += 1
         if self.discard_at is not None and self.t == self.discard_at:
             return np.zeros(2, np.float32), 0.0, False, True, {DISCARD_KEY: True, "crash": 1.0}
@@ -42,7 +44,8 @@ class Countdown(gym.Env):
         return self._obs(), float(self.t), terminated, False, {"distance_m": 2.0 * self.t}
 
 
-gym.register("lit_td3_test/Countdown-v0", entry_point=Countdown)
+COUNTDOWN_ID = "lit_td3_test/Countdown-v0"
+gym.register(COUNTDOWN_ID, entry_point=Countdown)
 
 
 class FakeAgent:
@@ -59,7 +62,7 @@ class FakeAgent:
 
 
 def run_stream(steps: int, learning_starts: int | None = None, **env_kwargs: Any) -> tuple[RolloutDataModule, FakeAgent]:
-    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", env_kwargs=env_kwargs, max_episode_steps=5,
+    dm = RolloutDataModule(env_id=COUNTDOWN_ID, env_kwargs=env_kwargs, max_episode_steps=5,
                            async_envs=False, total_env_steps=steps, learning_starts=learning_starts or steps,
                            buffer_size=100, batch_size=1, exploration_noise=0.0)
     dm.setup("fit")
@@ -100,7 +103,7 @@ def test_a_discarded_step_writes_nothing_and_ends_the_episode() -> None:
 
 
 def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
-    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", async_envs=False, total_env_steps=100,
+    dm = RolloutDataModule(env_id=COUNTDOWN_ID, async_envs=False, total_env_steps=100,
                            learning_starts=50, buffer_size=100, batch_size=1, exploration_noise=0.1)
     dm.setup("fit")
     agent = FakeAgent(action=0.5)
@@ -114,7 +117,7 @@ def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
 
 
 def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_env_step() -> None:
-    dm = RolloutDataModule(env_id="lit_td3_test/Countdown-v0", async_envs=False, total_env_steps=20, learning_starts=0,
+    dm = RolloutDataModule(env_id=COUNTDOWN_ID, async_envs=False, total_env_steps=20, learning_starts=0,
                            buffer_size=100, batch_size=1, exploration_noise=0.0)
     dm.setup("fit")
     agent, add, flush = FakeAgent(), dm.buffer.add, dm.timings.flush
@@ -128,6 +131,32 @@ def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_en
     assert perf["perf/env_ms"] < 10  # a Countdown step takes microseconds: neither sleep is counted in it
     # One env, synchronous: the three stages are disjoint parts of each env step's wall time.
     assert perf["perf/env_ms"] + perf["perf/act_ms"] + perf["perf/write_ms"] <= 1000 / perf["perf/env_steps_per_s"]
+
+
+@pytest.mark.parametrize("async_envs", [False, True])
+def test_the_env_steps_own_time_is_measured_where_it_runs(async_envs: bool) -> None:
+    # In worker processes the env id names this module, which registers Countdown there too.
+    env_id = f"{__name__}:{COUNTDOWN_ID}" if async_envs else COUNTDOWN_ID
+    dm = RolloutDataModule(env_id=env_id, env_kwargs={"delay": 0.04}, async_envs=async_envs, total_env_steps=20,
+                           max_episode_steps=50, learning_starts=0, buffer_size=100, batch_size=1,
+                           exploration_noise=0.0)
+    dm.setup("fit")
+    agent, add, flush = FakeAgent(), dm.buffer.add, dm.timings.flush
+    flushed = []
+    dm.buffer.add = lambda *args, **kwargs: (time.sleep(0.025), add(*args, **kwargs))[1]
+    dm.timings.flush = lambda *args: flushed.append(flush(*args)) or flushed[-1]
+    try:
+        assert len(list(RolloutStream(dm, agent))) == 20
+    finally:
+        dm.teardown("fit")
+    perf = flushed[-1]
+    assert perf["perf/env_step_ms"] >= 40
+    if async_envs:
+        # The learner waits for the step less than the step takes: the buffer write ran while the worker stepped.
+        assert perf["perf/env_ms"] <= perf["perf/env_step_ms"] - 10
+    else:
+        # In-process the wait is the step itself (plus the vector env's own bookkeeping), and holds no write.
+        assert perf["perf/env_step_ms"] <= perf["perf/env_ms"] < perf["perf/env_step_ms"] + 10
 
 
 def test_env_actions_are_rescaled_to_the_env_bounds() -> None:
@@ -160,6 +189,8 @@ def test_numeric_info_keeps_the_numeric_scalars() -> None:
     info = {"collision": True, "distance_m": np.float32(3.5), "name": "x", "terms": {"progress": 1.0},
             "reward/progress": 2}
     assert numeric_info(info) == {"collision": 1.0, "distance_m": 3.5, "reward/progress": 2.0}
+    # lit_td3's own per-step keys are not episode stats
+    assert numeric_info({**info, DISCARD_KEY: True, STEP_TIME_KEY: 0.004}) == numeric_info(info)
 
 
 def async_pendulum_stream() -> tuple[RolloutDataModule, FakeAgent, gym.vector.VectorEnv]:

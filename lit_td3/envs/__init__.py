@@ -15,7 +15,13 @@ from typing import Any
 
 import gymnasium as gym
 
-from lit_td3.envs.wrappers import DISCARD_KEY, SeedEachEpisode, conform
+from lit_td3.envs.wrappers import (
+    DISCARD_KEY,
+    STEP_TIME_KEY,
+    SeedEachEpisode,
+    TimeStep,
+    conform,
+)
 
 CARLA_ENV_ID = "lit_td3/CarlaLaneKeeping-v0"
 CAR_RACING_ENV_ID = "lit_td3/CarRacing-v3"
@@ -35,7 +41,7 @@ def _register_car_racing() -> None:
 if CAR_RACING_ENV_ID not in gym.registry:
     _register_car_racing()
 
-__all__ = ["CARLA_ENV_ID", "CAR_RACING_ENV_ID", "DISCARD_KEY", "check_env_id", "make_env"]
+__all__ = ["CARLA_ENV_ID", "CAR_RACING_ENV_ID", "DISCARD_KEY", "STEP_TIME_KEY", "check_env_id", "make_env"]
 
 
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
@@ -71,7 +77,8 @@ def make_env(
     frame_stack: int = 4,
     image_size: int = 84,
 ) -> gym.Env:
-    """Builds one env: observations as dicts, actions in [-1, 1], episode k seeded with ``seed + k``.
+    """Builds one env: observations as dicts, actions in [-1, 1], episode k seeded with ``seed + k``, each step's own
+    time in its ``info`` (``STEP_TIME_KEY``).
 
     ``env_index`` is the env's global index over all ranks and vector slots; envs that take it (CARLA: its ports are
     offset by it) receive it, others never see it.
@@ -84,4 +91,4 @@ def make_env(
         # An env that keeps its own time limit (CARLA) gets ours too, besides gymnasium's TimeLimit wrapper.
         spec = dataclasses.replace(spec, kwargs={**spec.kwargs, "max_episode_steps": max_episode_steps})
     env = conform(gym.make(spec, max_episode_steps=max_episode_steps, **kwargs), frame_stack, image_size)
-    return SeedEachEpisode(env, base_seed=seed, first_episode=first_episode)
+    return TimeStep(SeedEachEpisode(env, base_seed=seed, first_episode=first_episode))

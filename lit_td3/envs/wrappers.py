@@ -7,6 +7,7 @@ gymnasium's vector-env worker processes.
 
 from __future__ import annotations
 
+import time
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -86,6 +87,21 @@ class SeedEachEpisode(gym.Wrapper):
         obs, info = self.env.reset(seed=self.base_seed + self.episode if seed is None else seed, options=options)
         self.episode += 1
         return obs, info
+
+
+STEP_TIME_KEY = "env_step_s"
+"""``info[STEP_TIME_KEY]``: the seconds a step took where the env runs (its worker process under async envs), every
+wrapper included; the stream logs its mean as ``perf/env_step_ms``."""
+
+
+class TimeStep(gym.Wrapper):
+    """Times each step inside the env's own process. The learner's ``perf/env_ms`` is its wait for the step, which
+    async envs shorten by the work the learner overlaps with it; the step's own time shows what the env costs."""
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        start = time.perf_counter()
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, {**info, STEP_TIME_KEY: time.perf_counter() - start}
 
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)
