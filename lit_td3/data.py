@@ -61,6 +61,7 @@ def numeric_info(info: Mapping[str, Any]) -> dict[str, float]:
 
 
 def is_number(value: Any) -> bool:
+    """A Python or numpy scalar (bools included), or a 0-d numeric array: what TensorBoard can plot."""
     return isinstance(value, (bool, int, float, np.number, np.bool_)) or (
         isinstance(value, np.ndarray) and value.shape == () and value.dtype != object)
 
