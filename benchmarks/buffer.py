@@ -110,7 +110,7 @@ def measure_rss(transitions: int, device: str) -> dict[str, Any]:
     rollout.run(buffer, transitions - half_len)
     gpu = torch.cuda.memory_allocated() if device == "cuda" else 0
     return {"before": before, "empty": empty, "half": half, "half_len": half_len, "full": process.memory_info().rss,
-            "len": len(buffer), "gpu": gpu}
+            "len": len(buffer), "gpu": gpu, "nbytes": buffer.nbytes, "cuda_build": torch.version.cuda is not None}
 
 
 def rss_in_subprocess(transitions: int, device: str) -> dict[str, Any]:
@@ -163,7 +163,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300, help="timed sample() calls per row")
     parser.add_argument("--quick", action="store_true", help="20,000 transitions and 100 repeats")
     parser.add_argument("--memory-only", action="store_true", help="the memory tables alone, no sampling rows")
-    parser.add_argument("--rss-only", type=int, metavar="N", help=argparse.SUPPRESS)  # the subprocess's job
+    # The memory subprocess's job (also run by tests/test_buffer_memory.py): fill N transitions, print the JSON.
+    parser.add_argument("--rss-only", type=int, metavar="N", help=argparse.SUPPRESS)
     parser.add_argument("--memory-device", default="cpu", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_only:

@@ -9,54 +9,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 from tests.conftest import needs_gpu
 
 FRAME_BYTES = 84 * 84
 TRANSITIONS = 200_000
 
-FILL = textwrap.dedent(f"""
-    import json, sys
-    import numpy as np, psutil, torch
-    from lit_td3.buffer import ReplayBuffer
-
-    device = sys.argv[1]
-    if device == "cuda":
-        torch.empty(1, device=device)  # the CUDA context first: "before" holds it, the growth is the buffer's
-    process, num_envs, stack = psutil.Process(), 8, 4
-    rng = np.random.default_rng(0)
-    # A pool of random frames drawn from at random: incompressible pixels, cheap to generate.
-    pool = rng.integers(0, 256, (512, 84, 84), dtype=np.uint8)
-    def frames(n):
-        return pool[rng.integers(0, len(pool), n)][:, None]
-    before = process.memory_info().rss
-    buffer = ReplayBuffer({TRANSITIONS}, {{"image": (stack, 84, 84)}}, 3, num_envs=num_envs, device=device, seed=0)
-    empty = process.memory_info().rss
-    obs = np.repeat(frames(num_envs), stack, axis=1)  # FrameStackObservation(padding_type="reset")
-    left = rng.integers(50, 1000, num_envs)  # steps left in each env's episode
-    action, reward = np.zeros((num_envs, 3), np.float32), np.zeros(num_envs, np.float32)
-    for _ in range({TRANSITIONS} // num_envs):
-        next_obs = np.concatenate([obs[:, 1:], frames(num_envs)], axis=1)
-        left -= 1
-        done = left == 0
-        terminated, truncated = done & (rng.random(num_envs) < 0.5), done
-        truncated &= ~terminated
-        buffer.add({{"image": obs}}, action, reward, {{"image": next_obs}}, terminated, truncated)
-        obs = next_obs
-        if done.any():
-            obs[done] = np.repeat(frames(int(done.sum())), stack, axis=1)
-            left[done] = rng.integers(50, 1000, int(done.sum()))
-    del obs, next_obs, pool
-    print(json.dumps({{"before": before, "empty": empty, "full": process.memory_info().rss, "len": len(buffer),
-                      "nbytes": buffer.nbytes, "cuda_build": torch.version.cuda is not None,
-                      "gpu": torch.cuda.memory_allocated() if device == "cuda" else 0}}))
-""")
+MEASURE = Path(__file__).resolve().parents[1] / "benchmarks" / "buffer.py"
+"""Its ``--rss-only N`` fills a buffer with N transitions of 8 envs' frame-stacked episodes (random frames, episodes
+of 50-999 steps ending terminated or truncated) and prints the process's RSS before, empty and full as JSON: the
+same fill as the memory rows of BENCHMARKS.md."""
 
 
 def fill(device: str) -> dict[str, int]:
-    result = subprocess.run([sys.executable, "-c", FILL, device], capture_output=True, text=True, timeout=300,
-                            check=True)
+    result = subprocess.run([sys.executable, str(MEASURE), "--rss-only", str(TRANSITIONS), "--memory-device", device],
+                            capture_output=True, text=True, timeout=300, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
