@@ -9,9 +9,14 @@ are counted over all envs. The envs alone (random actions, no learner) are timed
 The issue's target is for a 16-core GPU machine: 8 envs give >= 5x the env-steps/s of 1 env at replay ratio 1/8.
 On a 2-core CPU the envs and the learner share two cores, and the ratio says little.
 
+``--env-modes async,in-process`` also runs each env count with ``data.async_envs: false`` (the envs stepped in the
+learner's process), in the same alternating rounds: the stage table's ``perf/env_step_ms`` then shows whether an
+env steps slower in its worker process, beside the learner, than in the learner's own process.
+
     python benchmarks/env_scaling.py --device cuda                  # 1 vs 8 envs, replay ratio 1/8
     python benchmarks/env_scaling.py --quick                        # CPU smoke run
     python benchmarks/env_scaling.py --device cuda --num-envs 1,4,8,16 --lit-arg=--data.buffer_device=cuda
+    python benchmarks/env_scaling.py --device cuda --num-envs 1 --replay-ratio 1 --env-modes async,in-process
 
 The script reports; it asserts no target.
 """
@@ -47,9 +52,25 @@ from lit_td3.envs import check_env_id
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # CarRacing renders its observations with pygame, headless
 
 
+ENV_MODES = {"async": True, "in-process": False}
+"""``--env-modes`` names and their ``data.async_envs``."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One env count in one env mode."""
+
+    num_envs: int
+    mode: str
+
+    @property
+    def label(self) -> str:
+        return str(self.num_envs) if self.mode == "async" else f"{self.num_envs}, {self.mode}"
+
+
 @dataclass
 class Scaling:
-    """Measurements of one env count, pooled over rounds."""
+    """Measurements of one variant, pooled over rounds."""
 
     env_steps_per_s: list[float] = field(default_factory=list)
     updates_per_s: list[float] = field(default_factory=list)
@@ -57,10 +78,11 @@ class Scaling:
     stages: dict[str, list[float]] = field(default_factory=dict)  # lit_td3's perf/* stage times
 
 
-def learning_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> None:
-    total = args.learning_starts + args.warmup_steps + args.steps
-    data = {"env_id": args.env_id, "num_envs": num_envs, "async_envs": True, "replay_ratio": args.replay_ratio,
-            "total_env_steps": total, "learning_starts": args.learning_starts, "buffer_size": total + num_envs}
+def learning_round(variant: Variant, args: argparse.Namespace, result: Scaling) -> None:
+    total, num_envs = args.learning_starts + args.warmup_steps + args.steps, variant.num_envs
+    data = {"env_id": args.env_id, "num_envs": num_envs, "async_envs": ENV_MODES[variant.mode],
+            "replay_ratio": args.replay_ratio, "total_env_steps": total, "learning_starts": args.learning_starts,
+            "buffer_size": total + num_envs}
     run = run_lit_td3(device=args.device, data=data, window_start=args.learning_starts + args.warmup_steps,
                       extra_args=args.lit_arg)
     env_rate, update_rate, _ = run.window.rates()
@@ -71,10 +93,10 @@ def learning_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> 
     collect()
 
 
-def env_only_round(num_envs: int, args: argparse.Namespace, result: Scaling) -> None:
+def env_only_round(variant: Variant, args: argparse.Namespace, result: Scaling) -> None:
     """The same vector env as training (RolloutDataModule's), stepped with random actions and no learner."""
-    data = base_config()["data"]
-    dm = RolloutDataModule(env_id=args.env_id, num_envs=num_envs, async_envs=True, seed=data["seed"],
+    data, num_envs = base_config()["data"], variant.num_envs
+    dm = RolloutDataModule(env_id=args.env_id, num_envs=num_envs, async_envs=ENV_MODES[variant.mode], seed=data["seed"],
                            max_episode_steps=data["max_episode_steps"], frame_stack=data["frame_stack"],
                            image_size=data["image_size"])
     with quiet():
@@ -105,6 +127,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--num-envs", default="1,8", help="comma-separated env counts; the first is the baseline")
     parser.add_argument("--replay-ratio", type=float, default=1 / 8, help="updates per env step (default 1/8)")
+    parser.add_argument("--env-modes", default="async", help="comma-separated: async (worker processes, as shipped) "
+                        "and/or in-process (data.async_envs false)")
     parser.add_argument("--env-id", default=PIXEL_ENV)
     parser.add_argument("--steps", type=int, help="timed learning-phase env steps per round, all envs together "
                         "(default 4000, --quick 160)")
@@ -129,6 +153,10 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--num-envs {args.num_envs}: expected comma-separated positive integers, e.g. 1,8")
     if not args.num_envs or min(args.num_envs) < 1:
         parser.error(f"--num-envs {args.num_envs}: expected comma-separated positive integers, e.g. 1,8")
+    modes = [m.strip() for m in args.env_modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(ENV_MODES):
+        parser.error(f"--env-modes {args.env_modes}: expected a comma-separated subset of {', '.join(ENV_MODES)}")
+    args.variants = [Variant(n, mode) for n in args.num_envs for mode in modes]
     try:
         check_env_id(args.env_id)
     except ValueError as err:
@@ -148,17 +176,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def report(args: argparse.Namespace, results: dict[int, Scaling]) -> str:
-    base = args.num_envs[0]
+def report(args: argparse.Namespace, results: dict[Variant, Scaling]) -> str:
+    base = args.variants[0]
     base_rate = Summary.of(results[base].env_steps_per_s)
     rows = []
-    for n, result in results.items():
+    for variant, result in results.items():
         rate = Summary.of(result.env_steps_per_s)
         env_only = Summary.of(result.env_only_per_s).text(1) if result.env_only_per_s else "not measured"
-        rows.append([n, rate.text(1), Summary.of(result.updates_per_s).text(1), env_only,
+        rows.append([variant.label, rate.text(1), Summary.of(result.updates_per_s).text(1), env_only,
                      f"{rate.median / base_rate.median:.2f}×"])
     headers = ["num_envs", "learning-phase env-steps/s, median (min–max)", "updates/s",
-               "envs alone (random actions), env-steps/s", f"vs num_envs={base}"]
+               "envs alone (random actions), env-steps/s", f"vs num_envs={base.label}"]
     return markdown_table(headers, rows)
 
 
@@ -168,20 +196,20 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results = {n: Scaling() for n in args.num_envs}
+    results = {variant: Scaling() for variant in args.variants}
     for r in range(args.repeats):
-        order = args.num_envs if r % 2 == 0 else args.num_envs[::-1]  # flips each round: drift hits all alike
-        for n in order:
-            log(f"[env_scaling] round {r + 1}/{args.repeats}: {n} envs")
+        order = args.variants if r % 2 == 0 else args.variants[::-1]  # flips each round: drift hits all alike
+        for variant in order:
+            log(f"[env_scaling] round {r + 1}/{args.repeats}: {variant.num_envs} envs, {variant.mode}")
             if args.env_only_steps:
-                env_only_round(n, args, results[n])
-            learning_round(n, args, results[n])
+                env_only_round(variant, args, results[variant])
+            learning_round(variant, args, results[variant])
     print(f"## Env scaling: {args.env_id}, replay ratio {args.replay_ratio:g}, {args.device}\n")
     print(f"{args.repeats} rounds of {args.steps:,} timed learning-phase env steps (after {args.learning_starts:,} "
           f"random + {args.warmup_steps:,} untimed); envs alone: {args.env_only_steps} timed vector steps.\n")
     print(report(args, results))
     print()
-    print(stage_section({str(n): result.stages for n, result in results.items()}, "num_envs"))
+    print(stage_section({variant.label: result.stages for variant, result in results.items()}, "num_envs"))
     print(f"\nCommand: python benchmarks/env_scaling.py {' '.join(sys.argv[1:])}. {run_line(started)}")
     print(machine_line(args.device))
 

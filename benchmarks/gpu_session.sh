@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh sync OUTDIR    # one env: async vs in-process (data.async_envs false), each vs SB3
 #   bash benchmarks/gpu_session.sh scaling OUTDIR # 1 vs 8 async envs
 #   bash benchmarks/gpu_session.sh scalingfast OUTDIR # the same with model.cuda_graphs and a CUDA buffer
+#   bash benchmarks/gpu_session.sh corun OUTDIR   # one env, async vs in-process, alternating: the env's own step in each
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
 #   bash benchmarks/gpu_session.sh ddp OUTDIR     # the DDP tests on NCCL, then 1 vs 2 GPUs (a machine with 2 GPUs)
 #   bash benchmarks/gpu_session.sh render OUTDIR  # the embedded env vs gymnasium's renderer, then SB3 on each
@@ -54,6 +55,11 @@ case $part in
   scalingfast)
     run env_scaling_graphs python3 benchmarks/env_scaling.py --device cuda --num-envs 1,8 --repeats 2 --steps 2000 \
       --env-only-steps 100 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
+    ;;
+  corun)
+    run env_modes python3 benchmarks/env_scaling.py --device cuda --num-envs 1 --replay-ratio 1 --env-modes async,in-process \
+      --repeats 3 --steps 700 --learning-starts 1000 --warmup-steps 100 --env-only-steps 300 \
+      --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda --lit-arg=--trainer.benchmark=true
     ;;
   ab)
     ab=runs/ab
