@@ -116,17 +116,27 @@ def test_random_actions_before_learning_starts_then_policy_plus_noise() -> None:
     assert late.min() >= -1.0 and late.max() <= 1.0
 
 
-def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_env_step() -> None:
-    dm = RolloutDataModule(env_id=COUNTDOWN_ID, async_envs=False, total_env_steps=20, learning_starts=0,
-                           buffer_size=100, batch_size=1, exploration_noise=0.0)
+def timed_stream(agent: FakeAgent, write_s: float, **kwargs: Any) -> dict[str, float]:
+    """Streams 20 Countdown steps (one batch each) with every buffer write ``write_s`` seconds slower; returns the
+    ``perf/*`` of the stream's last log point, which covers all 20."""
+    dm = RolloutDataModule(**{"env_id": COUNTDOWN_ID, "async_envs": False, "total_env_steps": 20, "learning_starts": 0,
+                              "buffer_size": 100, "batch_size": 1, "exploration_noise": 0.0, **kwargs})
     dm.setup("fit")
-    agent, add, flush = FakeAgent(), dm.buffer.add, dm.timings.flush
-    act, flushed = agent.act, []
-    agent.act = lambda obs: (time.sleep(0.02), act(obs))[1]
-    dm.buffer.add = lambda *args, **kwargs: (time.sleep(0.03), add(*args, **kwargs))[1]
+    add, flush, flushed = dm.buffer.add, dm.timings.flush, []
+    dm.buffer.add = lambda *a, **kw: (time.sleep(write_s), add(*a, **kw))[1]
     dm.timings.flush = lambda *args: flushed.append(flush(*args)) or flushed[-1]
-    assert len(list(RolloutStream(dm, agent))) == 20
-    perf = flushed[-1]  # the stream's last log point: all 20 env steps
+    try:
+        assert len(list(RolloutStream(dm, agent))) == 20
+    finally:
+        dm.teardown("fit")
+    return flushed[-1]
+
+
+def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_env_step() -> None:
+    agent = FakeAgent()
+    act = agent.act
+    agent.act = lambda obs: (time.sleep(0.02), act(obs))[1]
+    perf = timed_stream(agent, write_s=0.03)
     assert perf["perf/act_ms"] >= 20 and perf["perf/write_ms"] >= 30
     assert perf["perf/env_ms"] < 10  # a Countdown step takes microseconds: neither sleep is counted in it
     # One env, synchronous: the three stages are disjoint parts of each env step's wall time.
@@ -137,19 +147,8 @@ def test_the_stream_times_the_policy_step_and_the_buffer_write_apart_from_the_en
 def test_the_env_steps_own_time_is_measured_where_it_runs(async_envs: bool) -> None:
     # In worker processes the env id names this module, which registers Countdown there too.
     env_id = f"{__name__}:{COUNTDOWN_ID}" if async_envs else COUNTDOWN_ID
-    dm = RolloutDataModule(env_id=env_id, env_kwargs={"delay": 0.04}, async_envs=async_envs, total_env_steps=20,
-                           max_episode_steps=50, learning_starts=0, buffer_size=100, batch_size=1,
-                           exploration_noise=0.0)
-    dm.setup("fit")
-    agent, add, flush = FakeAgent(), dm.buffer.add, dm.timings.flush
-    flushed = []
-    dm.buffer.add = lambda *args, **kwargs: (time.sleep(0.025), add(*args, **kwargs))[1]
-    dm.timings.flush = lambda *args: flushed.append(flush(*args)) or flushed[-1]
-    try:
-        assert len(list(RolloutStream(dm, agent))) == 20
-    finally:
-        dm.teardown("fit")
-    perf = flushed[-1]
+    perf = timed_stream(FakeAgent(), write_s=0.025, env_id=env_id, env_kwargs={"delay": 0.04},
+                        async_envs=async_envs, max_episode_steps=50)
     assert perf["perf/env_step_ms"] >= 40
     if async_envs:
         # The learner waits for the step less than the step takes: the buffer write ran while the worker stepped.
