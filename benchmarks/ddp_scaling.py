@@ -1,12 +1,15 @@
 """Env-steps/s of one GPU against several, through the real CLI and Lightning's DDP (GitHub issue "Scale-out").
 
-Each configuration trains the embedded env (CarRacing-v3, pixels) from scratch for ``--total-env-steps`` global env
-steps with ``--num-envs`` async envs per rank; the figure is the median of the ``perf/env_steps_per_s`` points the
+Each configuration trains configs/td3.yaml's env (lit_td3/CarRacing-v3, pixels) from scratch for
+``--total-env-steps`` global env steps with ``--num-envs`` async envs per rank; the figure is the median of the ``perf/env_steps_per_s`` points the
 run logged during its learning phase (global env steps over wall time between log points, all ranks together).
-Runs alternate between the device counts for ``--repeats`` rounds.
+Runs alternate between the device counts for ``--repeats`` rounds. The stage table below the rates holds the
+``perf/*`` stage times of the same log points (each point the mean over ranks), so a device count that scales badly
+shows which stage grew.
 
     python benchmarks/ddp_scaling.py --devices 1,2           # on a machine with 2 GPUs
-    python benchmarks/ddp_scaling.py --devices 1,2 --accelerator cpu --total-env-steps 600 --learning-starts 300
+    python benchmarks/ddp_scaling.py --devices 1,2 --accelerator cpu --total-env-steps 1200 --learning-starts 600 \
+        --log-every 50 --repeats 1
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_line
+from common import STAGES, machine_line, stage_section
 
 from lit_td3.report import load_run
 
 
-def run(devices: int, args: argparse.Namespace, root: Path) -> float:
+def run(devices: int, args: argparse.Namespace, root: Path) -> tuple[float, dict[str, list[float]]]:
+    """One training run: the median learning-phase env-steps/s and the stage times of its learning-phase log points."""
     command = [
         sys.executable, "-m", "lit_td3", "fit", "--config", "configs/td3.yaml",
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
@@ -42,9 +46,14 @@ def run(devices: int, args: argparse.Namespace, root: Path) -> float:
         command += ["--trainer.strategy", "ddp"]
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
                    stdout=subprocess.DEVNULL)
-    rate = load_run(root)["perf/env_steps_per_s"]
-    learning = rate.values[rate.steps > args.learning_starts + 2 * args.log_every]
-    return float(statistics.median(learning))
+    scalars = load_run(root)
+
+    def learning(tag: str) -> list[float]:
+        series = scalars[tag]
+        return [float(v) for v in series.values[series.steps > args.learning_starts + 2 * args.log_every]]
+
+    stages = {stage: learning(f"perf/{stage}") for stage in STAGES if f"perf/{stage}" in scalars}
+    return statistics.median(learning("perf/env_steps_per_s")), stages
 
 
 def main() -> None:
@@ -61,19 +70,25 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(d) for d in args.devices.split(",")]
     rates: dict[int, list[float]] = {d: [] for d in counts}
+    stages: dict[str, dict[str, list[float]]] = {str(d): {} for d in counts}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.repeats):
             for devices in counts if round_ % 2 == 0 else counts[::-1]:
-                rates[devices].append(run(devices, args, Path(tmp) / f"d{devices}_r{round_}"))
+                rate, run_stages = run(devices, args, Path(tmp) / f"d{devices}_r{round_}")
+                rates[devices].append(rate)
+                for stage, values in run_stages.items():
+                    stages[str(devices)].setdefault(stage, []).extend(values)
     base = statistics.median(rates[counts[0]])
     print(machine_line("cuda" if args.accelerator == "gpu" else "cpu"))
-    print(f"\nCarRacing-v3 pixels, {args.num_envs} async envs per rank, replay ratio {args.replay_ratio}, "
+    extra = f" with {' '.join(args.lit_arg)}" if args.lit_arg else ""
+    print(f"\nconfigs/td3.yaml's env (lit_td3/CarRacing-v3, pixels){extra}, {args.num_envs} async envs per rank, replay ratio {args.replay_ratio}, "
           f"{args.total_env_steps} global env steps per run, {args.repeats} runs each, alternating\n")
     print("| devices | env-steps/s median | min–max | ratio to first |\n| --- | --- | --- | --- |")
     for devices in counts:
         median = statistics.median(rates[devices])
         print(f"| {devices} | {median:.1f} | {min(rates[devices]):.1f}–{max(rates[devices]):.1f} | "
               f"{median / base:.2f}× |")
+    print("\n" + stage_section(stages, "devices"))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,11 @@ class TD3CLI(LightningCLI):
         if self.subcommand and config.get("ckpt_path"):
             config.ckpt_path = resolve_checkpoint(config.ckpt_path, checkpoint_dir(root))
 
+    def before_fit(self) -> None:
+        # The trainer knows its ranks before it launches them: refuse a batch their shards cannot fill while no
+        # process, GPU or env has started (the data module checks again in setup, for runs outside the CLI).
+        self.datamodule.check_first_batch(self.trainer.world_size)
+
 
 EXIT_CODES = {"bad input": 2, "non-finite training": 3, "simulator unavailable": 4, "write failed": 5,
               "terminated": 128 + signal.SIGTERM}

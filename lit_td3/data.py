@@ -210,7 +210,8 @@ class RolloutDataModule(pl.LightningDataModule):
             num_envs: Envs stepped together (one gymnasium vector env); each env step counts once.
             async_envs: Run the envs in worker processes so that they step while the learner updates.
             total_env_steps: Env steps of the whole run (over all envs and ranks); the run ends there.
-            learning_starts: Env steps of uniform random actions before the first update.
+            learning_starts: Env steps of uniform random actions before the first update (all ranks together); at
+                least ``batch_size`` per rank, so that every rank's first batch finds that many transitions.
             buffer_size: Replay buffer capacity in transitions.
             batch_size: Transitions per update.
             exploration_noise: Std of the Gaussian action noise, as a fraction of the half action range.
@@ -230,8 +231,6 @@ class RolloutDataModule(pl.LightningDataModule):
         check("data.buffer_size", buffer_size, buffer_size >= 1, "at least 1")
         check("data.batch_size", batch_size, 1 <= batch_size <= buffer_size,
               f"between 1 and data.buffer_size={buffer_size}")
-        check("data.batch_size", batch_size, batch_size <= max(learning_starts, 1) or learning_starts == 0,
-              f"at most data.learning_starts={learning_starts}, or the first update would sample an unfilled buffer")
         check("data.exploration_noise", exploration_noise, exploration_noise >= 0, "non-negative")
         check("data.replay_ratio", replay_ratio, replay_ratio > 0, "positive")
         check("data.max_episode_steps", max_episode_steps, max_episode_steps is None or max_episode_steps >= 1,
@@ -246,6 +245,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.buffer_size, self.batch_size, self.buffer_device = buffer_size, batch_size, buffer_device
         self.exploration_noise, self.replay_ratio = exploration_noise, replay_ratio
         self.eval_episodes, self.seed = eval_episodes, seed
+        self.check_first_batch(world_size=1)
 
         self.observation_shapes: dict[str, list[int]] = {}
         self.action_dim = 0
@@ -284,6 +284,14 @@ class RolloutDataModule(pl.LightningDataModule):
             max_episode_steps=self.max_episode_steps, frame_stack=self.frame_stack, image_size=self.image_size,
         )
 
+    def check_first_batch(self, world_size: int) -> None:
+        """The first update samples a full batch from each rank's own replay-buffer shard, which then holds
+        ``learning_starts / world_size`` transitions or a few more (its ranks step in lockstep)."""
+        per_rank = "" if world_size == 1 else f" / {world_size} ranks = {self.learning_starts / world_size:g}"
+        check("data.batch_size", self.batch_size, self.batch_size * world_size <= self.learning_starts,
+              f"at most data.learning_starts={self.learning_starts}{per_rank}, or the first update would sample an "
+              "unfilled buffer" + ("" if world_size == 1 else " (each rank samples only its own shard)"))
+
     def probe_spaces(self) -> None:
         """Reads the observation shapes and action size from one env instance (CARLA's connects only on reset)."""
         env = self._env_fn(0, self.seed, 0)()
@@ -294,6 +302,8 @@ class RolloutDataModule(pl.LightningDataModule):
             env.close()
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_first_batch(self.world_size)
         if not self.observation_shapes:
             self.probe_spaces()
         if stage == "fit" and self.buffer is None:

@@ -72,6 +72,13 @@ def no_envs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--model.gradient_clipping.actor_max_norm", "-1"],
          "model.gradient_clipping.actor_max_norm=-1.0: expected a positive norm"),
         (["--data.buffer_size", "16"], "data.batch_size=32: expected between 1 and data.buffer_size=16"),
+        (["--data.learning_starts", "0"],
+         "data.batch_size=32: expected at most data.learning_starts=0, or the first update would sample an unfilled"),
+        # under DDP each rank's shard holds half the random steps when the first update samples it: refused before
+        # the trainer launches the second rank
+        (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         ("data.batch_size=32: expected at most data.learning_starts=32 / 2 ranks = 16, or the first update would "
+          "sample an unfilled buffer (each rank samples only its own shard)")),
         (["--data.env_id", "Pendulm-v1"], ("data.env_id='Pendulm-v1' is not a registered gymnasium env: "
                                            "Environment `Pendulm` doesn't exist. Did you mean: `Pendulum`?")),
         (["--data.env_id", "no_such_pkg.envs:MyEnv-v0"],
