@@ -1,8 +1,9 @@
 """Env-steps/s of one GPU against several, through the real CLI and Lightning's DDP (GitHub issue "Scale-out").
 
 Each configuration trains configs/td3.yaml's env (lit_td3/CarRacing-v3, pixels) from scratch for
-``--total-env-steps`` global env steps with ``--num-envs`` async envs per rank; the figure is the median of the ``perf/env_steps_per_s`` points the
-run logged during its learning phase (global env steps over wall time between log points, all ranks together).
+``--total-env-steps`` global env steps with ``--num-envs`` async envs per rank; the figure is the median of the
+``perf/env_steps_per_s`` points the run logged during its learning phase (global env steps over wall time between
+log points, all ranks together).
 Runs alternate between the device counts for ``--repeats`` rounds. The stage table below the rates holds the
 ``perf/*`` stage times of the same log points (each point the mean over ranks), so a device count that scales badly
 shows which stage grew.
@@ -81,8 +82,9 @@ def main() -> None:
     base = statistics.median(rates[counts[0]])
     print(machine_line("cuda" if args.accelerator == "gpu" else "cpu"))
     extra = f" with {' '.join(args.lit_arg)}" if args.lit_arg else ""
-    print(f"\nconfigs/td3.yaml's env (lit_td3/CarRacing-v3, pixels){extra}, {args.num_envs} async envs per rank, replay ratio {args.replay_ratio}, "
-          f"{args.total_env_steps} global env steps per run, {args.repeats} runs each, alternating\n")
+    print(f"\nconfigs/td3.yaml's env (lit_td3/CarRacing-v3, pixels){extra}, {args.num_envs} async envs per rank, "
+          f"replay ratio {args.replay_ratio}, {args.total_env_steps} global env steps per run, {args.repeats} runs "
+          "each, alternating\n")
     print("| devices | env-steps/s median | min–max | ratio to first |\n| --- | --- | --- | --- |")
     for devices in counts:
         median = statistics.median(rates[devices])
