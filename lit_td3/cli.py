@@ -29,6 +29,8 @@ from lit_td3.graphs import check_cuda_graphs
 from lit_td3.module import NonFiniteTrainingError, TD3Module
 
 DEFAULT_ROOT_DIR = "runs/td3"
+SWITCHED_CALLBACKS = {"enable_progress_bar": "ProgressBar", "enable_checkpointing": "Checkpoint"}
+"""Trainer switches, and the class-name ending of the configured callbacks that each one turns off."""
 
 
 class TD3CLI(LightningCLI):
@@ -82,10 +84,12 @@ class TD3CLI(LightningCLI):
             # The actor steps every policy_freq-th batch: in the others its parameters get no gradient, which plain
             # DDP takes for an error (Lightning issues #20328, #20866).
             config.trainer.strategy = "ddp_find_unused_parameters_true"
-        if config.trainer.enable_progress_bar is False and config.trainer.callbacks:
-            # One switch turns the display off, whichever progress-bar callback the config plugged in.
-            config.trainer.callbacks = [c for c in config.trainer.callbacks
-                                        if not str(c.get("class_path", "")).endswith("ProgressBar")]
+        for switch, kind in SWITCHED_CALLBACKS.items():
+            if config.trainer.get(switch) is False and config.trainer.callbacks:
+                # One switch turns the feature off, whichever callback of that kind the config plugged in (Lightning
+                # refuses a checkpoint callback with checkpointing off).
+                config.trainer.callbacks = [c for c in config.trainer.callbacks
+                                            if not str(c.get("class_path", "")).endswith(kind)]
         if self.subcommand and config.get("ckpt_path"):
             config.ckpt_path = resolve_checkpoint(config.ckpt_path, checkpoint_dir(root))
 

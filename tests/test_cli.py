@@ -163,7 +163,7 @@ def test_float32_matmul_precision_is_set_before_anything_is_built(tmp_path: Path
         torch.set_float32_matmul_precision(before)
 
 
-def test_progress_bar_counts_env_steps_and_one_switch_turns_it_off(tmp_path: Path) -> None:
+def test_progress_bar_counts_env_steps_and_one_switch_turns_it_or_checkpoints_off(tmp_path: Path) -> None:
     config = small_run_config(tmp_path, every=150, env_id="Pendulum-v1", total=150, learning_starts=50,
                               episode_steps=50, extra={"data": {"batch_size": 16}})
     shown = yaml.safe_load(config.read_text())
@@ -187,7 +187,11 @@ def test_progress_bar_counts_env_steps_and_one_switch_turns_it_off(tmp_path: Pat
     bar = [line for line in lines if "/250 " in line]
     assert bar and "250/250 " in bar[-1] and "env steps" in bar[-1], (lines[-5:], bar[-1:])
 
+    # The same switch turns checkpoints off: the config's EnvStepCheckpoint goes with it (Lightning would refuse it).
     quiet = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config),
-                    "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "quiet"))
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+                    "--trainer.default_root_dir", str(tmp_path / "quiet"))
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     assert "env steps" not in quiet.stdout + quiet.stderr
+    assert (tmp_path / "quiet" / "config.yaml").is_file()
+    assert not (tmp_path / "quiet" / "checkpoints").exists()
