@@ -21,7 +21,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_td3.checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
-from lit_td3.config import ConfigError
+from lit_td3.config import ConfigError, check
 from lit_td3.data import RolloutDataModule
 from lit_td3.envs.carla.server import SimulatorUnavailableError
 from lit_td3.files import CheckpointWriteError
@@ -73,6 +73,10 @@ class TD3CLI(LightningCLI):
         root = config.trainer.default_root_dir or DEFAULT_ROOT_DIR
         config.trainer.default_root_dir = root
         torch.set_float32_matmul_precision(config.float32_matmul_precision)
+        # global_step counts optimizer steps, two per TD3 update when the actor steps (LIGHTNING_NOTES 1).
+        check("trainer.max_steps", config.trainer.max_steps, config.trainer.max_steps in (None, -1),
+              "unset: a lit_td3 run is counted in env steps, set data.total_env_steps (Lightning's max_steps counts "
+              "optimizer steps, two per TD3 update when the actor steps)")
         if config.trainer.logger in (None, True):
             config.trainer.logger = {
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",

@@ -87,6 +87,8 @@ def no_envs(monkeypatch: pytest.MonkeyPatch) -> None:
          ("data.env_id='lit_td3.envs:Pendulm-v1' is not a registered gymnasium env: "
           "Environment `Pendulm` doesn't exist")),
         (["--float32_matmul_precision", "low"], 'Parser key "float32_matmul_precision"'),
+        (["--trainer.max_steps", "1000"],
+         "trainer.max_steps=1000: expected unset: a lit_td3 run is counted in env steps, set data.total_env_steps"),
         (["--ckpt_path", "/no/such/run/last.ckpt"], "checkpoint '/no/such/run/last.ckpt' does not exist"),
         (["--model.cuda_graphs", "true", "--trainer.accelerator", "cpu"],
          "model.cuda_graphs=true needs a CUDA device (this run trains on 'cpu'"),
