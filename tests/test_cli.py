@@ -195,3 +195,19 @@ def test_progress_bar_counts_env_steps_and_one_switch_turns_it_or_checkpoints_of
     assert "env steps" not in quiet.stdout + quiet.stderr
     assert (tmp_path / "quiet" / "config.yaml").is_file()
     assert not (tmp_path / "quiet" / "checkpoints").exists()
+
+
+def test_a_run_stopped_by_max_time_checkpoints_where_it_stopped(tmp_path: Path) -> None:
+    # trainer.max_time is a wall-clock budget: the run stops between env steps, and EnvStepCheckpoint saves there, with
+    # the buffer, so that `--ckpt_path last` continues without losing a step.
+    config = small_run_config(tmp_path, every=100_000, env_id="Pendulum-v1", total=100_000, learning_starts=50,
+                              episode_steps=50, extra={"data": {"async_envs": False, "eval_episodes": 0}})
+    result = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--trainer.max_time", "00:00:00:08")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    saved = [p.name for p in checkpoints.glob("env_step=*.ckpt")]
+    assert len(saved) == 1, saved  # the cadence (100,000 env steps) never came: this is the stop's checkpoint
+    steps = int(saved[0].removeprefix("env_step=").removesuffix(".ckpt"))
+    assert 50 < steps < 100_000
+    assert counters_of(checkpoints / "last.ckpt")["env_steps"] == steps
+    assert (checkpoints / f"replay_buffer-env_step={steps}.pt").is_file()
