@@ -64,8 +64,12 @@ class Variant:
     mode: str
 
     @property
+    def async_envs(self) -> bool:
+        return ENV_MODES[self.mode]
+
+    @property
     def label(self) -> str:
-        return str(self.num_envs) if self.mode == "async" else f"{self.num_envs}, {self.mode}"
+        return str(self.num_envs) if self.async_envs else f"{self.num_envs}, {self.mode}"
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Scaling:
 
 def learning_round(variant: Variant, args: argparse.Namespace, result: Scaling) -> None:
     total, num_envs = args.learning_starts + args.warmup_steps + args.steps, variant.num_envs
-    data = {"env_id": args.env_id, "num_envs": num_envs, "async_envs": ENV_MODES[variant.mode],
+    data = {"env_id": args.env_id, "num_envs": num_envs, "async_envs": variant.async_envs,
             "replay_ratio": args.replay_ratio, "total_env_steps": total, "learning_starts": args.learning_starts,
             "buffer_size": total + num_envs}
     run = run_lit_td3(device=args.device, data=data, window_start=args.learning_starts + args.warmup_steps,
@@ -96,7 +100,7 @@ def learning_round(variant: Variant, args: argparse.Namespace, result: Scaling) 
 def env_only_round(variant: Variant, args: argparse.Namespace, result: Scaling) -> None:
     """The same vector env as training (RolloutDataModule's), stepped with random actions and no learner."""
     data, num_envs = base_config()["data"], variant.num_envs
-    dm = RolloutDataModule(env_id=args.env_id, num_envs=num_envs, async_envs=ENV_MODES[variant.mode], seed=data["seed"],
+    dm = RolloutDataModule(env_id=args.env_id, num_envs=num_envs, async_envs=variant.async_envs, seed=data["seed"],
                            max_episode_steps=data["max_episode_steps"], frame_stack=data["frame_stack"],
                            image_size=data["image_size"])
     with quiet():
