@@ -73,7 +73,7 @@ class TD3CLI(LightningCLI):
         root = config.trainer.default_root_dir or DEFAULT_ROOT_DIR
         config.trainer.default_root_dir = root
         torch.set_float32_matmul_precision(config.float32_matmul_precision)
-        # global_step counts optimizer steps, two per TD3 update when the actor steps (LIGHTNING_NOTES 1).
+        # LIGHTNING_NOTES 1: Lightning's step limit is not the run's length.
         check("trainer.max_steps", config.trainer.max_steps, config.trainer.max_steps in (None, -1),
               "unset: a lit_td3 run is counted in env steps, set data.total_env_steps (Lightning's max_steps counts "
               "optimizer steps, two per TD3 update when the actor steps)")
