@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from lit_td3.checkpoints import CheckpointError, checkpoint_dir, resolve_checkpoint
 from lit_td3.config import ConfigError, check
 from lit_td3.data import RolloutDataModule
+from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.envs.carla.server import SimulatorUnavailableError
 from lit_td3.files import CheckpointWriteError
 from lit_td3.graphs import check_cuda_graphs
@@ -85,9 +86,8 @@ class TD3CLI(LightningCLI):
         if config.model.cuda_graphs:
             _check_cuda_graphs_request(config.trainer, bool(config.model.compile))
         if config.trainer.strategy == "ddp":
-            # The actor steps every policy_freq-th batch: in the others its parameters get no gradient, which plain
-            # DDP takes for an error (Lightning issues #20328, #20866).
-            config.trainer.strategy = "ddp_find_unused_parameters_true"
+            # Lightning's DDP wraps the whole module, and each TD3 backward leaves one network without gradients.
+            config.trainer.strategy = TD3DDPStrategy.strategy_name
         for switch, kind in SWITCHED_CALLBACKS.items():
             if config.trainer.get(switch) is False and config.trainer.callbacks:
                 # One switch turns the feature off, whichever callback of that kind the config plugged in (Lightning
@@ -98,8 +98,9 @@ class TD3CLI(LightningCLI):
             config.ckpt_path = resolve_checkpoint(config.ckpt_path, checkpoint_dir(root))
 
     def before_fit(self) -> None:
-        # The trainer knows its ranks before it launches them: refuse a batch their shards cannot fill while no
-        # process, GPU or env has started (the data module checks again in setup, for runs outside the CLI).
+        # The trainer knows its strategy and ranks before it launches them: refuse what cannot train while no process,
+        # GPU or env has started (TD3Module and the data module check again in setup, for runs outside the CLI).
+        check_strategy(self.trainer.strategy, self.config[self.subcommand].trainer.strategy)
         self.datamodule.check_first_batch(self.trainer.world_size)
 
 

@@ -1,7 +1,8 @@
-"""What each rank of a distributed run knows and rank 0 must log or save: gathered, never averaged away.
+"""TD3 on several devices: how the ranks keep one model, and how what each rank knows reaches rank 0.
 
-Lightning's strategies all-reduce tensors; rollout statistics and stream states are small Python objects (episode
-results, RNG states), so they travel with ``torch.distributed.all_gather_object``.
+Gradients: ``TD3DDPStrategy`` puts each trained network, actor and critic, in its own ``DistributedDataParallel``.
+Rollout statistics and stream states are small Python objects (episode results, RNG states): they travel with
+``torch.distributed.all_gather_object``, gathered, never averaged away.
 """
 
 from __future__ import annotations
@@ -9,11 +10,86 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed
+from pytorch_lightning.overrides.distributed import _sync_module_states
+from pytorch_lightning.strategies import (
+    DDPStrategy,
+    ParallelStrategy,
+    Strategy,
+    StrategyRegistry,
+)
+from torch import Tensor
+from torch.nn import Module
+from torch.nn.parallel import DistributedDataParallel
+
+from lit_td3.config import ConfigError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 T = TypeVar("T")
+
+
+class TD3DDPStrategy(DDPStrategy):
+    """Lightning's DDP with one ``DistributedDataParallel`` per trained network instead of one around the module.
+
+    Each TD3 backward goes through one network: the critic's loss gives the actor no gradient, and the actor's loss
+    gives none to the critic, which it holds frozen. Around the whole module, DDP must then search every backward for
+    unused parameters (``find_unused_parameters``), and that search ends each backward with a blocking copy of the
+    used-parameter map from the GPU (``Reducer::finalize_bucket_dense``): a host sync per backward, where the CPU
+    waits for the GPU and for the other ranks (CUDA's sync debug mode raises there on 2 GPUs). Wrapped on its own,
+    each network has all of its parameters used in every backward it takes part in, so no search is needed, and its
+    all-reduce overlaps its own backward: no update syncs the host (``tests/test_ddp.py``, on 2 GPUs).
+
+    The target networks are in no wrapper: they move only by Polyak averaging of online weights that are the same on
+    every rank, and are broadcast from rank 0 once, with everything else in the module, when training starts.
+    """
+
+    strategy_name = "td3_ddp"
+
+    def configure_ddp(self) -> None:
+        module = self.lightning_module
+        if not hasattr(module, "distribute"):
+            raise TypeError(f"TD3DDPStrategy trains a lit_td3 TD3Module, not {type(module).__name__}")
+        _sync_module_states(module)
+        module.distribute(self._wrap)
+
+    def _wrap(self, network: Module) -> DistributedDataParallel:
+        # On the stream of the updates, unlike DDPStrategy's side stream: DDP keeps the parameters' AccumulateGrad
+        # nodes, made on the stream current here, and a mismatch costs every backward a cross-stream wait (PyTorch
+        # warns so; Lightning issue #21567).
+        return DistributedDataParallel(network, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if hasattr(module, "distribute"):
+            module.distribute(None)
+        super().teardown()
+
+
+StrategyRegistry.register(TD3DDPStrategy.strategy_name, TD3DDPStrategy,
+                          description="DDP with a DistributedDataParallel per TD3 network (lit_td3)")
+
+
+def check_strategy(strategy: Strategy, setting: object) -> None:
+    """Refuses a strategy of several processes other than ``TD3DDPStrategy``, ``setting`` being how it was asked for.
+
+    Lightning's own DDP strategies, which ``trainer.strategy: auto`` picks for several devices, wrap the whole module:
+    plain, they fail at the first update that leaves the actor without gradients; with ``find_unused_parameters``,
+    they sync the host in every backward.
+    """
+    if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, TD3DDPStrategy):
+        raise ConfigError(
+            f"trainer.strategy={setting!r} ({type(strategy).__name__}): expected 'ddp' to train on several devices or "
+            f"nodes, which lit_td3 runs as its TD3DDPStrategy ('{TD3DDPStrategy.strategy_name}'; from Python, "
+            f"Trainer(strategy=TD3DDPStrategy()))")
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """``tensor`` summed over all ranks, in a new tensor. A collective, queued on the GPU under NCCL; unlike Lightning's
+    ``strategy.reduce``, which puts a barrier, and so a host sync, before every all-reduce."""
+    summed = tensor.clone()
+    torch.distributed.all_reduce(summed)
+    return summed
 
 
 def gather_from_ranks(trainer: pl.Trainer | None, obj: T) -> list[T]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Any, NamedTuple
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lit_td3.buffer import Transition
 from lit_td3.config import ConfigError, check
-from lit_td3.distributed import gather_from_ranks
+from lit_td3.distributed import check_strategy, gather_from_ranks, sum_over_ranks
 from lit_td3.events import DeviceEvents, read_events
 from lit_td3.graphs import FULL_PRECISIONS, GraphedStep, check_cuda_graphs
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
@@ -194,6 +194,9 @@ class TD3Module(pl.LightningModule):
         self._env_step = torch.zeros((), dtype=torch.float64)  # this update's env step; on the device from train start
         self._critic_step, self._actor_step = self.update_critic, self.update_actor  # graphed in on_train_start
         self._policy_graphs: dict[int, GraphedStep] = {}  # act()'s graphs under cuda_graphs, by batch size
+        # The online networks as the updates call them: themselves, or under lit_td3.distributed.TD3DDPStrategy
+        # their DistributedDataParallel wrappers. A plain dict, so that the wrappers are no submodules.
+        self._trained: dict[str, torch.nn.Module] = {}
         if observation_shapes is not None and action_dim is not None:
             self._build_networks(observation_shapes, action_dim)
 
@@ -211,16 +214,27 @@ class TD3Module(pl.LightningModule):
             # see exactly what they see in eager mode, and the state dict keeps its keys.
             self.actor.compile()
             self.critic.compile()
+        self.distribute(None)
+
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None) -> None:
+        """Runs the updates' forward passes through ``wrap(actor)`` and ``wrap(critic)`` (the DistributedDataParallel
+        wrappers of ``TD3DDPStrategy``, which all-reduce each network's gradients in its backward), or, with None,
+        through the networks themselves."""
+        self._trained = {"actor": self.actor, "critic": self.critic}
+        if wrap is not None:
+            self._trained = {name: wrap(network) for name, network in self._trained.items()}
 
     def setup(self, stage: str) -> None:
-        if self.hparams.cuda_graphs and stage == "fit":
-            trainer = self.trainer
-            check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision,
-                              self.hparams.compile)
+        trainer = self.trainer
+        if stage == "fit":
+            check_strategy(trainer.strategy, trainer.strategy)
+            if self.hparams.cuda_graphs:
+                check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision,
+                                  self.hparams.compile)
         if not hasattr(self, "actor"):
-            dm = self.trainer.datamodule
+            dm = trainer.datamodule
             self._build_networks(dm.observation_shapes, dm.action_dim)
-        if self.trainer.strategy.root_device.type == "cpu":
+        if trainer.strategy.root_device.type == "cpu":
             # oneDNN's CPU convolutions run faster on NHWC weights: a CPU pixel update went from 5% slower than the
             # plain NCHW loop of update_time.py to 9% faster (BENCHMARKS.md).
             # The GPU keeps cuDNN's NCHW: channels_last saved 4% of a graphed update there and slowed eager ones.
@@ -310,7 +324,7 @@ class TD3Module(pl.LightningModule):
             next_action = smoothed_target_action(self.actor_target(batch.next_obs), noise, hp.noise_clip)
             next_q1, next_q2 = self.critic_target(batch.next_obs, next_action)
             target = td_target(batch.reward, batch.terminated, next_q1, next_q2, hp.gamma)
-        q1, q2 = self.critic(batch.obs, batch.action)
+        q1, q2 = self._trained["critic"](batch.obs, batch.action)
         loss_q, q_info = critic_loss(q1, q2, target)
         telemetry = self._optimize(self.optimizers()[1], loss_q)
         return StepOutput({"train/critic_loss": loss_q, **q_info, **telemetry.metrics}, telemetry.gradient_norms)
@@ -319,7 +333,8 @@ class TD3Module(pl.LightningModule):
         """One actor step on Q1(s, mu(s)), then the soft update of both targets."""
         actor_opt = self.optimizers()[0]
         with self.toggled_optimizer(actor_opt):  # the actor's loss must not give the critic gradients
-            q1_of_policy = self.critic.q1_value(batch.obs, self.actor(batch.obs))  # Q1 only, as in the paper
+            # Q1 only, as in the paper; through the critic itself, whose frozen parameters DDP must not wait for
+            q1_of_policy = self.critic.q1_value(batch.obs, self._trained["actor"](batch.obs))
             loss_pi = actor_loss(q1_of_policy)
             telemetry = self._optimize(actor_opt, loss_pi)
         self._soft_update_targets()
@@ -367,7 +382,7 @@ class TD3Module(pl.LightningModule):
         ranks must skip a step together or none, or the replicas' weights would part ways."""
         if self.trainer.world_size == 1:
             return self._loss
-        return self.trainer.strategy.reduce(self._loss.clone(), reduce_op="sum")  # all_reduce works in place
+        return sum_over_ranks(self._loss)
 
     def _scaler_skips_steps(self) -> bool:
         """Under a GradScaler (16-mixed) infinite gradients are the scaler's business: it skips the step itself and

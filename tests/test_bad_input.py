@@ -79,6 +79,12 @@ def no_envs(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
          ("data.batch_size=32: expected at most data.learning_starts=32 / 2 ranks = 16, or the first update would "
           "sample an unfilled buffer (each rank samples only its own shard)")),
+        # Lightning's own DDP strategies wrap the whole module: refused, the default's pick for 2 devices included
+        (["--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+         "trainer.strategy='auto' (DDPStrategy): expected 'ddp' to train on several devices or nodes"),
+        (["--trainer.strategy", "ddp_find_unused_parameters_true", "--trainer.devices", "2", "--trainer.accelerator",
+          "cpu"],
+         "trainer.strategy='ddp_find_unused_parameters_true' (DDPStrategy): expected 'ddp'"),
         (["--data.env_id", "Pendulm-v1"], ("data.env_id='Pendulm-v1' is not a registered gymnasium env: "
                                            "Environment `Pendulm` doesn't exist. Did you mean: `Pendulum`?")),
         (["--data.env_id", "no_such_pkg.envs:MyEnv-v0"],

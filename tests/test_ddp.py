@@ -1,5 +1,5 @@
-"""Distributed data-parallel TD3 through Lightning's DDP: 2 ranks, real subprocesses; on the CPU (gloo) everywhere,
-and on 2 GPUs (NCCL) where a machine has them."""
+"""Distributed data-parallel TD3 through lit_td3's TD3DDPStrategy: 2 ranks, real subprocesses; on the CPU (gloo)
+everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
 
-@pytest.fixture(params=["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
-    torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs"))])
+
+@pytest.fixture(params=["cpu", pytest.param("gpu", marks=needs_2_gpus)])
 def ddp(request: pytest.FixtureRequest) -> list[str]:
     """The trainer flags of a 2-rank DDP run: gloo on the CPU, NCCL on 2 GPUs."""
     return ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", request.param]
 
 
-def ddp_config(tmp_path: Path, total: int) -> Path:
-    path = small_run_config(tmp_path, every=200, env_id="Pendulum-v1", total=total, learning_starts=100,
+def ddp_config(tmp_path: Path, total: int, every: int = 200, probes: tuple[dict, ...] = ()) -> Path:
+    path = small_run_config(tmp_path, every=every, env_id="Pendulum-v1", total=total, learning_starts=100,
                             episode_steps=50, extra={"data": {"async_envs": False}})
     config = yaml.safe_load(path.read_text())
-    config["trainer"]["callbacks"].append({"class_path": "tests.ddp_probe.RankDump"})
+    config["trainer"]["callbacks"] += [*probes, {"class_path": "tests.probes.RankDump"}]
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -95,3 +96,20 @@ def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Pat
     count = load_run(tmp_path / "run")["alerts/nonfinite_env_outputs"]  # rank 0 writes the sum over ranks
     assert count.values[count.steps < 60].tolist() == [0.0] * int((count.steps < 60).sum())
     assert count.values[count.steps >= 60].tolist() == [1.0] * int((count.steps >= 60).sum()) != []
+
+
+@needs_2_gpus
+def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
+    # Each network's all-reduce is queued on the GPU in its own backward: between log points a rank's updates never
+    # sync the host, as on one GPU (test_graphs). Lightning's DDP around the whole module needs
+    # find_unused_parameters here, whose reducer copies a map to the host at the end of every backward.
+    probe = {"class_path": "tests.probes.NoSyncAfter", "init_args": {"warmup": 10}}
+    config = ddp_config(tmp_path, total=400, every=10**6, probes=(probe,))  # no log point, checkpoint or evaluation
+    done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--trainer.strategy", "ddp",
+                   "--trainer.devices", "2", "--trainer.accelerator", "gpu", "--data.eval_episodes", "0",
+                   "--model.log_every_n_env_steps", str(10**6), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        dumped = torch.load(tmp_path / "run" / f"rank_{rank}.pt", weights_only=True)
+        assert dumped["critic_updates"] > 20
+        assert dumped["sync_checked"] == [dumped["critic_updates"] - 10]

@@ -27,6 +27,7 @@ from tests.conftest import (
     needs_gpu,
     random_batch,
 )
+from tests.probes import NoSyncAfter
 
 
 def test_cuda_graphs_are_refused_off_the_gpu_naming_the_field_and_the_device() -> None:
@@ -124,22 +125,6 @@ def test_a_nonfinite_batch_is_skipped_inside_the_graph_and_counted_at_the_log_po
     assert {float(s["step"]) for s in critic_opt.state.values()} == {7.0}  # Adam's step count did not move either
     assert module.counters.nonfinite_steps == 1 and module.counters.consecutive_nonfinite["critic"] == 0
     assert all(torch.isfinite(p).all() for p in module.parameters())
-
-
-class NoSyncAfter(pl.Callback):
-    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.checked = warmup, 0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx >= self.warmup:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
-        torch.cuda.set_sync_debug_mode("default")
-        self.checked += pl_module.counters.critic_updates > self.warmup
 
 
 @needs_gpu

@@ -1,4 +1,4 @@
-"""A test-only callback for the distributed tests: each rank writes what it trained and stepped."""
+"""Test-only callbacks, for runs in the test process and in CLI subprocesses (by class path)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,23 @@ class RankDump(pl.Callback):
                 "first_obs": stored.obs["vector"][:5].clone(),
                 "resumed_rng": self.resumed_rng,
                 "rewards": stored.reward.clone(),
+                "sync_checked": [c.checked for c in trainer.callbacks if isinstance(c, NoSyncAfter)],
             },
             Path(trainer.default_root_dir) / f"rank_{trainer.global_rank}.pt",
         )
+
+
+class NoSyncAfter(pl.Callback):
+    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.checked = warmup, 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self.checked += pl_module.counters.critic_updates > self.warmup
