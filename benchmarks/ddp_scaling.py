@@ -1,4 +1,4 @@
-"""Env-steps/s of one GPU against several, through the real CLI and DDP (TD3DDPStrategy) (GitHub issue "Scale-out").
+"""Env-steps/s of one GPU against several, through the real CLI and TD3DDPStrategy (GitHub issue "Scale-out").
 
 Each configuration trains configs/td3.yaml's env (lit_td3/CarRacing-v3, pixels) from scratch for
 ``--total-env-steps`` global env steps with ``--num-envs`` async envs per rank; the figure is the median of the
