@@ -70,18 +70,18 @@ StrategyRegistry.register(TD3DDPStrategy.strategy_name, TD3DDPStrategy,
                           description="DDP with a DistributedDataParallel per TD3 network (lit_td3)")
 
 
-def check_strategy(strategy: Strategy, setting: object) -> None:
-    """Refuses a strategy of several processes other than ``TD3DDPStrategy``, ``setting`` being how it was asked for.
+def check_strategy(strategy: Strategy, setting: object = None) -> None:
+    """Refuses a strategy of several processes other than ``TD3DDPStrategy``; ``setting``: how the config asked for it.
 
     Lightning's own DDP strategies, which ``trainer.strategy: auto`` picks for several devices, wrap the whole module:
     plain, they fail at the first update that leaves the actor without gradients; with ``find_unused_parameters``,
     they sync the host in every backward.
     """
     if isinstance(strategy, ParallelStrategy) and not isinstance(strategy, TD3DDPStrategy):
+        asked = type(strategy).__name__ if setting is None else f"{setting!r} ({type(strategy).__name__})"
         raise ConfigError(
-            f"trainer.strategy={setting!r} ({type(strategy).__name__}): expected 'ddp' to train on several devices or "
-            f"nodes, which lit_td3 runs as its TD3DDPStrategy ('{TD3DDPStrategy.strategy_name}'; from Python, "
-            f"Trainer(strategy=TD3DDPStrategy()))")
+            f"trainer.strategy={asked}: expected 'ddp' to train on several devices or nodes, which lit_td3 runs as its "
+            f"TD3DDPStrategy ('{TD3DDPStrategy.strategy_name}'; from Python, Trainer(strategy=TD3DDPStrategy()))")
 
 
 def sum_over_ranks(tensor: Tensor) -> Tensor:

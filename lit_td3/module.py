@@ -227,7 +227,7 @@ class TD3Module(pl.LightningModule):
     def setup(self, stage: str) -> None:
         trainer = self.trainer
         if stage == "fit":
-            check_strategy(trainer.strategy, trainer.strategy)
+            check_strategy(trainer.strategy)
             if self.hparams.cuda_graphs:
                 check_cuda_graphs(trainer.strategy.root_device, trainer.world_size, trainer.precision,
                                   self.hparams.compile)

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
+from lit_td3.config import ConfigError
+from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
@@ -20,6 +23,15 @@ needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL ne
 def ddp(request: pytest.FixtureRequest) -> list[str]:
     """The trainer flags of a 2-rank DDP run: gloo on the CPU, NCCL on 2 GPUs."""
     return ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", request.param]
+
+
+def test_only_td3_ddp_strategy_runs_several_processes() -> None:
+    # TD3Module.setup checks the trainer it is given, for runs built in Python (the CLI refuses before launching)
+    for strategy in (DDPStrategy(), DDPStrategy(find_unused_parameters=True), FSDPStrategy()):
+        with pytest.raises(ConfigError, match=rf"trainer.strategy={type(strategy).__name__}: expected 'ddp'"):
+            check_strategy(strategy)
+    check_strategy(TD3DDPStrategy())
+    check_strategy(SingleDeviceStrategy("cpu"))
 
 
 def ddp_config(tmp_path: Path, total: int, every: int = 200, probes: tuple[dict, ...] = ()) -> Path:
