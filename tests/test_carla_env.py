@@ -677,7 +677,8 @@ def test_failing_restarts_spend_the_budget(standin: Any, tmp_path: Path) -> None
 
 # ------------------------------------------------------------------------------------------------- signals
 SIGNAL_SCRIPT = """
-import atexit, json, sys
+import atexit, faulthandler, json, signal, sys
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a hang is, should one happen
 sys.path[:0] = [{repo!r}, {tests!r}]
 import carla, carla_standin
 registry = carla_standin.StandinRegistry()
@@ -714,7 +715,13 @@ def test_signals_leave_the_server_clean(tmp_path: Path, signum: int) -> None:
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     time.sleep(0.2)  # mid-episode
     proc.send_signal(signum)
-    proc.wait(30)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        pytest.fail(f"still running 30 s after signal {signum}; its threads then:\n{proc.communicate()[1][-8000:]}")
     if signum == signal.SIGTERM:
         assert proc.returncode == 128 + signal.SIGTERM
     else:

@@ -48,6 +48,7 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
     first = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), *ddp, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["strategy"] == "td3_ddp"  # as it ran
     ranks = [torch.load(run / f"rank_{r}.pt", weights_only=True) for r in (0, 1)]
 
     # data.total_env_steps is global: 400 env steps = 200 per rank, each rank's shard holds its own 200
