@@ -679,6 +679,9 @@ def test_failing_restarts_spend_the_budget(standin: Any, tmp_path: Path) -> None
 SIGNAL_SCRIPT = """
 import atexit, faulthandler, json, signal, sys
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a hang is, should one happen
+# Ctrl+C as at a terminal: a background launcher (CI under nohup, `cmd &`) passes SIGINT down ignored, and Python
+# then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{repo!r}, {tests!r}]
 import carla, carla_standin
 registry = carla_standin.StandinRegistry()
