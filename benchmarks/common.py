@@ -247,7 +247,7 @@ class Batches(IterableDataset):
 
 def time_updates(module: pl.LightningModule, draw: Callable[[int], Transition], *, device: str, iterations: int,
                  warmup: int, callbacks: Sequence[pl.Callback] = (), precision: Any = "32-true",
-                 pin_memory: bool = False) -> UpdateTimer:
+                 pin_memory: bool = False, strategy: Any = "auto") -> UpdateTimer:
     """Runs ``warmup + iterations`` training steps of ``module`` in a fresh Trainer and times each one.
 
     Batches come from ``draw``; a CPU batch is copied to the device by Lightning (from pinned memory with
@@ -257,7 +257,7 @@ def time_updates(module: pl.LightningModule, draw: Callable[[int], Transition], 
     timer = UpdateTimer(device, warmup)
     loader = DataLoader(Batches(draw, warmup + iterations), batch_size=None, num_workers=0, pin_memory=pin_memory)
     trainer = pl.Trainer(
-        accelerator=accelerator_of(device), devices=1, max_epochs=1, precision=precision, logger=False,
+        accelerator=accelerator_of(device), devices=1, strategy=strategy, max_epochs=1, precision=precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[*callbacks, timer],
     )

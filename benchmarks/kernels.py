@@ -7,6 +7,7 @@ and the alerts cost on the device). Replayed CUDA graphs report their kernels on
 memsets are counted under one name ("memset"): the profiler labels the same memset differently from run to run.
 
     python benchmarks/kernels.py --variants graphs,graphs_bare --updates 20
+    python benchmarks/kernels.py --variants trained,ddp,ddp_copies --updates 20     # what DDP adds, one process
 
 The script reports; it asserts no target.
 """
@@ -32,7 +33,7 @@ from common import (
     time_updates,
 )
 from torch.profiler import ProfilerActivity, profile
-from update_time import PATHS, VARIANTS, build, timed_callback_instances
+from update_time import PATHS, VARIANTS, build, strategy_of, timed_callback_instances
 
 
 class ProfileBatches(pl.Callback):
@@ -62,7 +63,7 @@ def census(variant: str, path: str, updates: int, warmup: int, trace: str | None
     probe = ProfileBatches(warmup, updates)
     callbacks = ([] if variant.endswith("bare") else timed_callback_instances()) + [probe]
     time_updates(module, lambda i: batches[i % len(batches)], device="cuda", iterations=updates, warmup=warmup,
-                 callbacks=callbacks)
+                 callbacks=callbacks, strategy=strategy_of(variant))
     if trace:
         probe.profiler.export_chrome_trace(f"{trace}/{path}_{variant}.json")
     kernels: dict[str, list[float]] = collections.defaultdict(list)

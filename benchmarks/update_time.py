@@ -19,6 +19,9 @@ Variants (networks and hyperparameters from configs/td3.yaml):
 - reference: the same networks, losses and optimizers in a plain PyTorch loop, without Lightning or telemetry.
   Its convolutions keep PyTorch's default NCHW layout; on the CPU a fit re-lays them channels_last
   (``TD3Module.setup``), so there the difference also holds what that layout gains.
+- opt-in, ``--variants trained,ddp,ddp_copies``: as trained under ``TD3DDPStrategy`` in one process (world size 1),
+  as shipped and with ``gradient_as_bucket_view=False``: what DDP's wrappers, hooks and all-reduces add on the host,
+  without a second rank to wait for.
 
 On CUDA it also counts the host-device synchronizations one as-trained batch makes (eager and graphed), and where
 they come from.
@@ -61,6 +64,7 @@ from common import (
 )
 
 from lit_td3.buffer import Transition
+from lit_td3.distributed import TD3DDPStrategy
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
 from lit_td3.module import GradientClipping, TD3Module
 from lit_td3.networks import NetworkConfig
@@ -78,7 +82,10 @@ VARIANTS = {
     "graphs": "model.cuda_graphs: true, as trained otherwise",
     "graphs_bare": "model.cuda_graphs: true, bare",
     "plain": "reference: plain PyTorch loop, same networks/losses/optimizers, no Lightning",
+    "ddp": "as trained, under TD3DDPStrategy in one process (its DDP wrappers and all-reduces, no second rank)",
+    "ddp_copies": "as ddp, gradient_as_bucket_view=False (PyTorch's default: gradients copied out of DDP's buckets)",
 }
+OPT_IN = {"ddp", "ddp_copies"}  # not in the default set: DDP's cost, not clipping's
 
 
 class BareTD3Module(TD3Module):
@@ -112,6 +119,15 @@ def build(variant: str, path: str) -> TD3Module:
     return cls(**kwargs)
 
 
+def strategy_of(variant: str) -> TD3DDPStrategy | str:
+    """The Trainer strategy a variant runs under: one process of TD3DDPStrategy for the ddp ones."""
+    if variant == "ddp":
+        return TD3DDPStrategy()
+    if variant == "ddp_copies":
+        return TD3DDPStrategy(gradient_as_bucket_view=False)
+    return "auto"
+
+
 # ---------------------------------------------------------------------------------------------------- timing
 def lightning_round(module: TD3Module, variant: str, batches: list[Transition], device: str, iterations: int,
                     warmup: int, precision: Any) -> list[float]:
@@ -119,7 +135,7 @@ def lightning_round(module: TD3Module, variant: str, batches: list[Transition], 
     policy_freq = module.hparams.policy_freq
     timer = time_updates(module, lambda i: batches[i % len(batches)], device=device,
                          iterations=iterations * policy_freq, warmup=warmup * policy_freq, callbacks=callbacks,
-                         precision=precision)
+                         precision=precision, strategy=strategy_of(variant))
     return per_update_ms(timer.seconds, policy_freq)
 
 
@@ -221,8 +237,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--paths", default="pixel", help="comma-separated: pixel (4x84x84, NatureCNN), state "
                         "(Pendulum-v1 vector, 400-300 MLPs)")
-    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; on the "
-                        "CPU all but the graphs ones)")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but "
+                        "ddp; on the CPU also not the graphs ones)")
     parser.add_argument("--iterations", type=int, default=200, help="timed updates per variant and round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed updates per variant and round "
                         "(the compile variant compiles in its first round's warm-up)")
@@ -237,8 +253,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.paths = _subset(parser, "--paths", args.paths, PATHS)
     cpu_variants = [v for v in VARIANTS if not v.startswith("graphs")]
-    args.variants = _subset(parser, "--variants", args.variants or ",".join(
-        VARIANTS if args.device == "cuda" else cpu_variants), VARIANTS)
+    default = [v for v in (VARIANTS if args.device == "cuda" else cpu_variants) if v not in OPT_IN]
+    args.variants = _subset(parser, "--variants", args.variants or ",".join(default), VARIANTS)
     if args.device == "cpu" and set(args.variants) - set(cpu_variants):
         parser.error(f"--variants {','.join(args.variants)}: the graphs variants need --device cuda")
     if args.quick:
@@ -300,6 +316,11 @@ def report(path: str, times: dict[str, list[float]], args: argparse.Namespace, s
         trained, plain = summaries["trained"].median, summaries["plain"].median
         lines.append(f"Lightning + clipping + telemetry over the plain loop: {trained - plain:+.3f} ms per update "
                      f"({100 * (trained - plain) / trained:+.1f}% of the as-trained update).")
+    for ddp in ("ddp", "ddp_copies"):
+        if "trained" in summaries and ddp in summaries:
+            trained, under_ddp = summaries["trained"].median, summaries[ddp].median
+            lines.append(f"TD3DDPStrategy's own cost, one process ({ddp} − as trained): {under_ddp - trained:+.3f} ms "
+                         f"per update ({100 * (under_ddp - trained) / under_ddp:+.1f}% of the update under DDP).")
     lines += [line + "." for line in syncs]
     return "\n".join(lines) + "\n"
 

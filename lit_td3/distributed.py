@@ -57,7 +57,11 @@ class TD3DDPStrategy(DDPStrategy):
         # On the stream of the updates, unlike DDPStrategy's side stream: DDP keeps the parameters' AccumulateGrad
         # nodes, made on the stream current here, and a mismatch costs every backward a cross-stream wait (PyTorch
         # warns so; Lightning issue #21567).
-        return DistributedDataParallel(network, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+        # Gradients as views of DDP's all-reduce buckets, unless the strategy is given gradient_as_bucket_view=False:
+        # DDP then copies no gradient back out of its buckets after the all-reduce, one kernel fewer per parameter
+        # and backward (27 per pixel update; BENCHMARKS.md, "Several GPUs"). Clipping scales the views in place.
+        kwargs = {"gradient_as_bucket_view": True, **self._ddp_kwargs}
+        return DistributedDataParallel(network, device_ids=self.determine_ddp_device_ids(), **kwargs)
 
     def teardown(self) -> None:
         module = self.lightning_module

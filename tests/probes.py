@@ -31,6 +31,8 @@ class RankDump(pl.Callback):
                 "resumed_rng": self.resumed_rng,
                 "rewards": stored.reward.clone(),
                 "sync_checked": [c.checked for c in trainer.callbacks if isinstance(c, NoSyncAfter)],
+                "bucket_views": {name: getattr(net, "gradient_as_bucket_view", None)
+                                 for name, net in pl_module._trained.items()},
             },
             Path(trainer.default_root_dir) / f"rank_{trainer.global_rank}.pt",
         )

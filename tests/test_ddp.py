@@ -55,6 +55,8 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
     assert [r["env_steps"] for r in ranks] == [400, 400]
     assert [r["buffer_len"] for r in ranks] == [200, 200]
     assert not torch.equal(ranks[0]["first_obs"], ranks[1]["first_obs"])  # seeded per rank: different episodes
+    # each network in its own DDP wrapper, its gradients views of the wrapper's all-reduce buckets
+    assert [r["bucket_views"] for r in ranks] == [{"actor": True, "critic": True}] * 2
     # DDP all-reduced every update: one model, the same on both ranks (targets included)
     for name, value in ranks[0]["params"].items():
         torch.testing.assert_close(value, ranks[1]["params"][name], msg=f"{name} differs across ranks")
