@@ -95,6 +95,32 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
     assert "2 rank(s)" in single.stderr and "1" in single.stderr
 
 
+needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu)])
+def test_one_rank_of_ddp_trains_the_model_one_process_trains(tmp_path: Path, accelerator: str) -> None:
+    # world size 1: DDP's hooks, bucket views and all-reduce in every update, an identity on the gradients; with the
+    # same seed the run must end with the parameters of a run without DDP (clipping and the guard act on the views)
+    params, updates = {}, {}
+    for strategy in ("ddp", "auto"):
+        config = ddp_config(tmp_path / strategy, total=300)
+        done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--trainer.strategy", strategy,
+                       "--trainer.devices", "1", "--trainer.accelerator", accelerator, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        dump = torch.load(tmp_path / strategy / "run" / "rank_0.pt", weights_only=True)
+        params[strategy], updates[strategy] = dump["params"], dump["critic_updates"]
+        views = strategy == "ddp" or None  # None: the networks themselves, in no wrapper
+        assert dump["bucket_views"] == {"actor": views, "critic": views}
+    exact = {"rtol": 0, "atol": 0} if accelerator == "cpu" else {}  # cuBLAS may pick other kernels in another run
+    assert params["ddp"].keys() == params["auto"].keys()
+    for name, value in params["ddp"].items():
+        torch.testing.assert_close(value, params["auto"][name], msg=f"{name} differs from the run without DDP", **exact)
+    assert updates["ddp"] == updates["auto"] > 100
+    trained = {k: v for k, v in params["auto"].items() if k.startswith("actor.")}
+    assert any(not torch.equal(v, params["auto"][f"actor_target.{k[6:]}"]) for k, v in trained.items())
+
+
 def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Path, ddp: list[str]) -> None:
     # "module:id": each rank imports the module that registers the faulty env, as gymnasium.make does
     config = small_run_config(tmp_path, every=100, env_id=f"tests.test_faults:{FAULTY_ENV_ID}", total=200,
