@@ -238,7 +238,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--paths", default="pixel", help="comma-separated: pixel (4x84x84, NatureCNN), state "
                         "(Pendulum-v1 vector, 400-300 MLPs)")
     parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all but "
-                        "ddp; on the CPU also not the graphs ones)")
+                        "the ddp ones; on the CPU also not the graphs ones)")
     parser.add_argument("--iterations", type=int, default=200, help="timed updates per variant and round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed updates per variant and round "
                         "(the compile variant compiles in its first round's warm-up)")

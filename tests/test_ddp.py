@@ -17,6 +17,7 @@ from tests.test_cli import counters_of, lit_td3, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
+needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 @pytest.fixture(params=["cpu", pytest.param("gpu", marks=needs_2_gpus)])
@@ -93,9 +94,6 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
                      "--ckpt_path", "last")
     assert single.returncode == 2
     assert "2 rank(s)" in single.stderr and "1" in single.stderr
-
-
-needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu)])
