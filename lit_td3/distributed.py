@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
-from lit_td3.config import ConfigError
+from lit_td3.config import ConfigError, check
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -45,6 +45,15 @@ class TD3DDPStrategy(DDPStrategy):
     """
 
     strategy_name = "td3_ddp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Lightning registers these on the one wrapper around the whole module (DDPStrategy._register_ddp_hooks),
+        # which this strategy never builds: refused, rather than silently not applied.
+        for name in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
+            check(f"trainer.strategy.{name}", kwargs.get(name), kwargs.get(name) is None,
+                  "null: TD3DDPStrategy gives actor and critic each its own DistributedDataParallel, and Lightning "
+                  "applies communication hooks and model averaging only to one wrapper around the whole module")
+        super().__init__(*args, **kwargs)
 
     def configure_ddp(self) -> None:
         module = self.lightning_module

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
 from lit_td3.config import ConfigError
 from lit_td3.distributed import TD3DDPStrategy, check_strategy
@@ -33,6 +34,14 @@ def test_only_td3_ddp_strategy_runs_several_processes() -> None:
             check_strategy(strategy)
     check_strategy(TD3DDPStrategy())
     check_strategy(SingleDeviceStrategy("cpu"))
+
+
+@pytest.mark.parametrize("name", ["ddp_comm_hook", "ddp_comm_wrapper", "ddp_comm_state", "model_averaging_period"])
+def test_td3_ddp_refuses_what_it_could_not_apply(name: str) -> None:
+    value = 4 if name == "model_averaging_period" else fp16_compress_hook
+    with pytest.raises(ConfigError, match=rf"trainer.strategy.{name}=.*expected null"):
+        TD3DDPStrategy(**{name: value})
+    assert TD3DDPStrategy(gradient_as_bucket_view=False)._ddp_kwargs == {"gradient_as_bucket_view": False}
 
 
 def ddp_config(tmp_path: Path, total: int, every: int = 200, probes: tuple[dict, ...] = ()) -> Path:
