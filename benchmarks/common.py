@@ -12,6 +12,7 @@ of the code under test beyond that.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import gc
@@ -85,6 +86,22 @@ class Summary:
 
     def text(self, digits: int = 1) -> str:
         return f"{self.median:.{digits}f} ({self.low:.{digits}f}–{self.high:.{digits}f})"
+
+
+def script_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first line as the description, the rest (commands, notes) as the epilog."""
+    lines = (doc or "").split("\n")
+    return argparse.ArgumentParser(description=lines[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(lines[1:]))
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str],
+                     least: int) -> None:
+    """``parser.error`` naming the flag and its value unless each of ``names`` that was given is at least ``least``."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} {value}: expected at least {least}")
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -270,23 +287,25 @@ def buffer_sampler(buffer: ReplayBuffer, batch_size: int) -> Callable[[int], Tra
     return lambda _: buffer.sample(batch_size)
 
 
-def time_lit_sampling(buffer: ReplayBuffer, batch_size: int, device: str, repeats: int) -> list[float]:
-    """Milliseconds per batch the way the learner gets it: ``buffer.sample`` (in the data module's
-    ``on_before_batch_transfer``), then Lightning's copy to the device (from pageable memory: nothing pins it)."""
-    target = torch.device(device)
-
-    def once() -> None:
-        to_device(buffer.sample(batch_size), target)
-
-    once()
+def timed_ms(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 1) -> list[float]:
+    """Milliseconds per call of ``fn``, ``repeats`` times after ``warmup`` untimed calls, synchronized on CUDA."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        once()
+        fn()
         synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     return times
+
+
+def time_lit_sampling(buffer: ReplayBuffer, batch_size: int, device: str, repeats: int) -> list[float]:
+    """Milliseconds per batch the way the learner gets it: ``buffer.sample`` (in the data module's
+    ``on_before_batch_transfer``), then Lightning's copy to the device (from pageable memory: nothing pins it)."""
+    target = torch.device(device)
+    return timed_ms(lambda: to_device(buffer.sample(batch_size), target), device, repeats)
 
 
 def to_device(batch: Transition, device: torch.device) -> Transition:

@@ -48,13 +48,16 @@ from common import (
     markdown_table,
     per_update_ms,
     quiet,
+    require_at_least,
     run_line,
     run_lit_td3,
+    script_parser,
     stage_section,
     synchronize,
     time_lit_sampling,
     time_updates,
     timed_callback_instances,
+    timed_ms,
 )
 
 from lit_td3.envs import check_env_id, make_env
@@ -242,14 +245,8 @@ def time_sb3_updates(model: TD3, budget: Budget, device: str) -> list[float]:
 def time_sb3_sampling(model: TD3, device: str, repeats: int) -> list[float]:
     if model.replay_buffer is None:
         raise RuntimeError("the SB3 model has no replay buffer: learn() did not run")
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        model.replay_buffer.sample(model.batch_size, env=model._vec_normalize_env)
-        synchronize(device)
-        times.append(1e3 * (time.perf_counter() - start))
-    return times
+    buffer = model.replay_buffer
+    return timed_ms(lambda: buffer.sample(model.batch_size, env=model._vec_normalize_env), device, repeats, warmup=0)
 
 
 def count(network: torch.nn.Module) -> int:
@@ -306,9 +303,7 @@ DIFFERENCES = """Differences that remain (by design or not removable):
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser = script_parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both learners run")
     parser.add_argument("--quick", action="store_true",
                         help="small budgets: the whole script in under 10 minutes on 2 CPU cores")
@@ -333,14 +328,8 @@ def parse_args() -> argparse.Namespace:
     bad = [p for p in args.paths if p not in ("pixel", "state")]
     if bad or not args.paths:
         parser.error(f"--paths {','.join(args.paths)}: expected a comma-separated subset of pixel,state")
-    for name in ("repeats", "steps", "update_iterations", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value}: expected at least 1")
-    for name in ("learning_starts", "warmup_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            parser.error(f"--{name.replace('_', '-')} {value}: expected at least 0")
+    require_at_least(parser, args, ("repeats", "steps", "update_iterations", "threads"), 1)
+    require_at_least(parser, args, ("learning_starts", "warmup_steps"), 0)
     if args.learning_starts is not None and args.learning_starts < lit_hyperparameters()["batch_size"]:
         parser.error(f"--learning-starts {args.learning_starts}: expected at least the batch size "
                      f"{lit_hyperparameters()['batch_size']} (the first update samples a full batch)")

@@ -41,8 +41,10 @@ from common import (
     machine_line,
     markdown_table,
     quiet,
+    require_at_least,
     run_line,
     run_lit_td3,
+    script_parser,
     stage_section,
 )
 
@@ -125,9 +127,7 @@ def env_only_round(variant: Variant, args: argparse.Namespace, result: Scaling) 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser = script_parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--num-envs", default="1,8", help="comma-separated env counts; the first is the baseline")
     parser.add_argument("--replay-ratio", type=float, default=1 / 8, help="updates per env step (default 1/8)")
@@ -167,13 +167,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--env-id {args.env_id}: {err}")
     if args.replay_ratio <= 0:
         parser.error(f"--replay-ratio {args.replay_ratio}: expected a positive number of updates per env step")
-    for name in ("steps", "repeats", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value}: expected at least 1")
-    for name in ("warmup_steps", "env_only_steps"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at least 0")
+    require_at_least(parser, args, ("steps", "repeats", "threads"), 1)
+    require_at_least(parser, args, ("warmup_steps", "env_only_steps"), 0)
     batch_size = base_config()["data"]["batch_size"]
     if args.learning_starts < batch_size:
         parser.error(f"--learning-starts {args.learning_starts}: expected at least the batch size {batch_size}")

@@ -47,14 +47,19 @@ from common import (
     markdown_table,
     quiet,
     random_batches,
+    require_at_least,
     run_line,
-    synchronize,
+    script_parser,
     time_updates,
     timed_callback_instances,
+    timed_ms,
 )
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from update_time import PATHS, PlainLoop, build, lightning_round, plain_round
+
+from lit_td3.buffer import Transition
 
 aten = torch.ops.aten
 MATRIX_PRODUCTS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.convolution.default,
@@ -85,23 +90,12 @@ class ProductRecorder(TorchDispatchMode):
 
 
 def _specs(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return Spec(tuple(value.shape), tuple(value.stride()), value.dtype)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_specs(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _specs(v) for k, v in value.items()}
-    return value
+    return pytree.tree_map_only(torch.Tensor, lambda t: Spec(tuple(t.shape), tuple(t.stride()), t.dtype), value)
 
 
 def _tensors(value: Any, device: str) -> Any:
-    if isinstance(value, Spec):
-        return torch.empty_strided(value.shape, value.stride, dtype=value.dtype, device=device).normal_()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _tensors(v, device) for k, v in value.items()}
-    return value
+    return pytree.tree_map_only(
+        Spec, lambda s: torch.empty_strided(s.shape, s.stride, dtype=s.dtype, device=device).normal_(), value)
 
 
 class Floor:
@@ -124,16 +118,9 @@ class Floor:
         return counter.get_total_flops()
 
     def time(self, iterations: int) -> list[float]:
-        """Milliseconds per update, one value per replay of the recorded ``policy_freq`` batches."""
-        self.run()  # warm-up: BLAS workspaces, oneDNN primitives
-        times = []
-        for _ in range(iterations):
-            synchronize(self.device)
-            start = time.perf_counter()
-            self.run()
-            synchronize(self.device)
-            times.append(1e3 * (time.perf_counter() - start) / self.policy_freq)
-        return times
+        """Milliseconds per update, one value per replay of the recorded ``policy_freq`` batches (after one untimed
+        replay: BLAS workspaces, oneDNN primitives)."""
+        return [ms / self.policy_freq for ms in timed_ms(self.run, self.device, iterations)]
 
 
 class RecordBatches(pl.Callback):
@@ -165,10 +152,14 @@ class Learner:
         self.floor_ms: list[float] = []
 
 
+def _batches(path: str, device: str) -> list[Transition]:
+    shapes, action_dim = PATHS[path]
+    return random_batches(shapes, action_dim, lit_hyperparameters()["batch_size"], device)
+
+
 def lit_learner(path: str, device: str, iterations: int) -> Learner:
     """lit_td3 as trained (``update_time.py``'s "trained" variant): recorded in one fit, timed in fresh fits."""
-    shapes, action_dim = PATHS[path]
-    batches = random_batches(shapes, action_dim, lit_hyperparameters()["batch_size"], device)
+    batches = _batches(path, device)
     module = build("trained", path)
     policy_freq = int(module.hparams.policy_freq)
     warmup = 2 * policy_freq
@@ -186,8 +177,7 @@ def lit_learner(path: str, device: str, iterations: int) -> Learner:
 def plain_learner(path: str, device: str, iterations: int) -> Learner:
     """``update_time.py``'s reference: lit_td3's networks, losses and optimizers in a plain PyTorch loop, without
     Lightning, clipping or telemetry (what eager PyTorch of these networks does on its own)."""
-    shapes, action_dim = PATHS[path]
-    batches = random_batches(shapes, action_dim, lit_hyperparameters()["batch_size"], device)
+    batches = _batches(path, device)
     loop = PlainLoop(build("trained", path), device)
     policy_freq = int(loop.m.hparams.policy_freq)
     for i in range(2 * policy_freq):
@@ -225,15 +215,7 @@ def sb3_learner(path: str, device: str, iterations: int) -> Learner:
 def blas_gflops(device: str, size: int = 2048, repeats: int = 5) -> float:
     """The machine's rate on a large square float32 product, GFLOP/s (median of ``repeats``)."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(seconds) / 1e9
+    return 2 * size**3 / statistics.median(timed_ms(lambda: a @ b, device, repeats)) / 1e6
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -259,9 +241,7 @@ def report(path: str, learners: list[Learner], blas: float) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser = script_parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--paths", default="state", help="comma-separated subset of state,pixel (default state)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each times every learner and floor once")
@@ -272,10 +252,7 @@ def parse_args() -> argparse.Namespace:
     bad = [p for p in args.paths if p not in PATHS]
     if bad or not args.paths:
         parser.error(f"--paths {','.join(args.paths)}: expected a comma-separated subset of state,pixel")
-    for name in ("repeats", "iterations", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} {value}: expected at least 1")
+    require_at_least(parser, args, ("repeats", "iterations", "threads"), 1)
     return args
 
 

@@ -57,7 +57,9 @@ from common import (
     markdown_table,
     per_update_ms,
     random_batches,
+    require_at_least,
     run_line,
+    script_parser,
     synchronize,
     time_updates,
     timed_callback_instances,
@@ -231,9 +233,7 @@ def _short(filename: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser = script_parser(__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--paths", default="pixel", help="comma-separated: pixel (4x84x84, NatureCNN), state "
                         "(Pendulum-v1 vector, 400-300 MLPs)")
@@ -259,10 +259,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--variants {','.join(args.variants)}: the graphs variants need --device cuda")
     if args.quick:
         args.iterations, args.warmup, args.repeats = 10, 3, 2
-    for name in ("iterations", "repeats", "batch_size", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} {value}: expected at least 1")
+    require_at_least(parser, args, ("iterations", "repeats", "batch_size", "threads"), 1)
     if args.warmup < 1:
         parser.error(f"--warmup {args.warmup}: expected at least 1 (the first steps allocate optimizer state)")
     return args
