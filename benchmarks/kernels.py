@@ -92,9 +92,10 @@ def main() -> None:
     parser.add_argument("--trace", help="a folder to write each variant's Chrome trace to (chrome://tracing)")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS or v in ("plain",)]
+    unknown = [v for v in variants if v not in VARIANTS or v.startswith("plain")]
     if unknown or len(variants) < 2:
-        parser.error(f"--variants {args.variants}: expected two or more update_time.py variants other than plain")
+        parser.error(f"--variants {args.variants}: expected two or more update_time.py variants other than the "
+                     "plain ones")
     policy_freq = base_config()["model"]["policy_freq"]
     if args.updates < 1 or args.updates % policy_freq or args.warmup < 1:
         parser.error(f"--updates {args.updates} --warmup {args.warmup}: expected positive counts, --updates a "

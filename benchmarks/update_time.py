@@ -19,6 +19,8 @@ Variants (networks and hyperparameters from configs/td3.yaml):
 - reference: the same networks, losses and optimizers in a plain PyTorch loop, without Lightning or telemetry.
   Its convolutions keep PyTorch's default NCHW layout; on the CPU a fit re-lays them channels_last
   (``TD3Module.setup``), so there the difference also holds what that layout gains.
+- opt-in, ``plain_compile``: the plain loop with its losses, optimizer steps and target update compiled
+  (``torch.compile``, compiled in the first round's warm-up): what compiled kernels make of the same update.
 - opt-in, ``--variants trained,ddp,ddp_copies``: as trained under ``TD3DDPStrategy`` in one process (world size 1),
   as shipped and with ``gradient_as_bucket_view=False``: what DDP's wrappers, hooks and all-reduces add on the host,
   without a second rank to wait for.
@@ -84,10 +86,11 @@ VARIANTS = {
     "graphs": "model.cuda_graphs: true, as trained otherwise",
     "graphs_bare": "model.cuda_graphs: true, bare",
     "plain": "reference: plain PyTorch loop, same networks/losses/optimizers, no Lightning",
+    "plain_compile": "the plain loop with its losses, optimizer steps and target update through torch.compile",
     "ddp": "as trained, under TD3DDPStrategy in one process (its DDP wrappers and all-reduces, no second rank)",
     "ddp_copies": "as ddp, gradient_as_bucket_view=False (PyTorch's default: gradients copied out of DDP's buckets)",
 }
-OPT_IN = {"ddp", "ddp_copies"}  # not in the default set: DDP's cost, not clipping's
+OPT_IN = {"ddp", "ddp_copies", "plain_compile"}  # not in the default set: not clipping's cost
 
 
 class BareTD3Module(TD3Module):
@@ -142,35 +145,54 @@ def lightning_round(module: TD3Module, variant: str, batches: list[Transition], 
 
 
 class PlainLoop:
-    """The TD3 update of ``TD3Module.training_step`` written as a plain PyTorch loop: the no-Lightning reference."""
+    """The TD3 update of ``TD3Module.training_step`` written as a plain PyTorch loop: the no-Lightning reference.
 
-    def __init__(self, module: TD3Module, device: str) -> None:
+    With ``compiled``, everything between the backward passes goes through ``torch.compile`` (critic loss with its
+    target, actor loss, both optimizer steps and the target update): how far compiled kernels take the same update.
+    """
+
+    def __init__(self, module: TD3Module, device: str, compiled: bool = False) -> None:
         self.m = module.to(device)
         self.actor_opt, self.critic_opt = module.configure_optimizers()  # the same optimizer kind and groups
         self.updates = 0
+        self.targets = [p for net in (module.actor_target, module.critic_target) for p in net.parameters()]
+        self.onlines = [p for net in (module.actor, module.critic) for p in net.parameters()]
+        self.step_critic, self.step_actor = self.critic_opt.step, self.actor_opt.step
+        if compiled:
+            for name in ("critic_loss", "actor_loss", "update_targets"):
+                setattr(self, name, torch.compile(getattr(self, name)))
+            self.step_critic, self.step_actor = torch.compile(self.step_critic), torch.compile(self.step_actor)
 
-    def step(self, batch: Transition) -> None:
+    def critic_loss(self, batch: Transition, noise: torch.Tensor) -> torch.Tensor:
         m, hp = self.m, self.m.hparams
         with torch.no_grad():
-            noise = torch.randn_like(batch.action) * hp.policy_noise
             next_action = smoothed_target_action(m.actor_target(batch.next_obs), noise, hp.noise_clip)
             target = td_target(batch.reward, batch.terminated, *m.critic_target(batch.next_obs, next_action),
                                hp.gamma)
-        loss_q, _ = critic_loss(*m.critic(batch.obs, batch.action), target)
+        return critic_loss(*m.critic(batch.obs, batch.action), target)[0]
+
+    def actor_loss(self, batch: Transition) -> torch.Tensor:
+        return actor_loss(self.m.critic.q1_value(batch.obs, self.m.actor(batch.obs)))
+
+    @torch.no_grad()
+    def update_targets(self) -> None:
+        torch._foreach_lerp_(self.targets, self.onlines, self.m.hparams.tau)
+
+    def step(self, batch: Transition) -> None:
+        m, hp = self.m, self.m.hparams
+        loss_q = self.critic_loss(batch, torch.randn_like(batch.action) * hp.policy_noise)
         self.critic_opt.zero_grad(set_to_none=True)
         loss_q.backward()
-        self.critic_opt.step()
+        self.step_critic()
         self.updates += 1
         if self.updates % hp.policy_freq == 0:
             m.critic.requires_grad_(False)
-            loss_pi = actor_loss(m.critic.q1_value(batch.obs, m.actor(batch.obs)))
+            loss_pi = self.actor_loss(batch)
             self.actor_opt.zero_grad(set_to_none=True)
             loss_pi.backward()
-            self.actor_opt.step()
+            self.step_actor()
             m.critic.requires_grad_(True)
-            with torch.no_grad():
-                for online, target_net in [(m.actor, m.actor_target), (m.critic, m.critic_target)]:
-                    torch._foreach_lerp_(list(target_net.parameters()), list(online.parameters()), hp.tau)
+            self.update_targets()
 
 
 def plain_round(loop: PlainLoop, batches: list[Transition], device: str, iterations: int, warmup: int) -> list[float]:
@@ -277,14 +299,15 @@ def measure_path(path: str, args: argparse.Namespace, precision: Any) -> tuple[l
     torch.manual_seed(0)
     shapes, action_dim = PATHS[path]
     batches = random_batches(shapes, action_dim, args.batch_size, args.device)
-    modules: dict[str, TD3Module] = {v: build(v, path) for v in args.variants if v != "plain"}
-    plain = PlainLoop(build("trained", path), args.device) if "plain" in args.variants else None
+    modules: dict[str, TD3Module] = {v: build(v, path) for v in args.variants if not v.startswith("plain")}
+    plains = {v: PlainLoop(build("trained", path), args.device, compiled=v == "plain_compile")
+              for v in args.variants if v.startswith("plain")}
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     for r in range(args.repeats):
         for variant in args.variants:
             log(f"[update_time] {path} round {r + 1}/{args.repeats}: {variant}")
-            if plain is not None and variant == "plain":
-                times[variant] += plain_round(plain, batches, args.device, args.iterations, args.warmup)
+            if variant in plains:
+                times[variant] += plain_round(plains[variant], batches, args.device, args.iterations, args.warmup)
             else:
                 times[variant] += lightning_round(modules[variant], variant, batches, args.device, args.iterations,
                                                   args.warmup, precision)
@@ -294,7 +317,7 @@ def measure_path(path: str, args: argparse.Namespace, precision: Any) -> tuple[l
             per_batch, sources = count_syncs(modules[variant], batches, args.warmup, 20, precision)
             syncs.append(f"Host-device synchronizations per batch, {VARIANTS[variant]} (CUDA sync debug mode, 20 "
                          f"batches): {per_batch:.2f}" + (f"; from {', '.join(sources)}" if sources else ""))
-    del modules, plain
+    del modules, plains
     collect()
     return syncs, times
 
@@ -313,6 +336,9 @@ def report(path: str, times: dict[str, list[float]], args: argparse.Namespace, s
         trained, plain = summaries["trained"].median, summaries["plain"].median
         lines.append(f"Lightning + clipping + telemetry over the plain loop: {trained - plain:+.3f} ms per update "
                      f"({100 * (trained - plain) / trained:+.1f}% of the as-trained update).")
+    if "plain" in summaries and "plain_compile" in summaries:
+        speedup = summaries["plain"].median / summaries["plain_compile"].median
+        lines.append(f"The plain loop compiled over eager: {speedup:.2f}× (above 1: compiled is faster).")
     for ddp in ("ddp", "ddp_copies"):
         if "trained" in summaries and ddp in summaries:
             trained, under_ddp = summaries["trained"].median, summaries[ddp].median

@@ -7,6 +7,7 @@ Rollout statistics and stream states are small Python objects (episode results, 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch.distributed
@@ -17,6 +18,10 @@ from pytorch_lightning.strategies import (
     Strategy,
     StrategyRegistry,
 )
+from pytorch_lightning.strategies.launchers.multiprocessing import (
+    _MultiProcessingLauncher,
+)
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -62,6 +67,11 @@ class TD3DDPStrategy(DDPStrategy):
         _sync_module_states(module)
         module.distribute(self._wrap)
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if isinstance(self._launcher, _MultiProcessingLauncher):  # start_method spawn, fork or forkserver
+            self._launcher = _NetworksReturningLauncher(self, start_method=self._start_method)
+
     def _wrap(self, network: Module) -> DistributedDataParallel:
         # On the stream of the updates, unlike DDPStrategy's side stream: DDP keeps the parameters' AccumulateGrad
         # nodes, made on the stream current here, and a mismatch costs every backward a cross-stream wait (PyTorch
@@ -77,6 +87,33 @@ class TD3DDPStrategy(DDPStrategy):
         if hasattr(module, "distribute"):
             module.distribute(None)
         super().teardown()
+
+
+class _NetworksReturningLauncher(_MultiProcessingLauncher):
+    """Lightning's launcher of ranks started by ``spawn``, ``fork`` or ``forkserver``, which also hands the TD3
+    networks back to the main process.
+
+    After the fit, Lightning loads rank 0's weights into the main process's module non-strictly. But the main process
+    never ran ``setup``, where the networks are built from the env's spaces, so nothing would load, silently, and the
+    module would come back from ``fit`` without networks. Rank 0 therefore also sends its observation shapes, action
+    size and counters, and the main process builds the networks before Lightning loads the weights into them.
+    """
+
+    def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        module = trainer.lightning_module
+        if trainer.state.fn == TrainerFn.FITTING:  # as Lightning, which sends weights only after a fit
+            # Small: the pipe they travel through must not fill up before the main process reads it (Lightning sends
+            # the weights through a file).
+            extra["lit_td3"] = {"observation_shapes": dict(module.hparams.observation_shapes),
+                                "action_dim": module.hparams.action_dim,
+                                "counters": dataclasses.asdict(module.counters)}
+        return extra
+
+    def _recover_results_in_main_process(self, worker_output: Any, trainer: pl.Trainer) -> None:
+        if "lit_td3" in worker_output.extra:
+            trainer.lightning_module.restore_from_rank_zero(**worker_output.extra["lit_td3"])
+        super()._recover_results_in_main_process(worker_output, trainer)
 
 
 StrategyRegistry.register(TD3DDPStrategy.strategy_name, TD3DDPStrategy,

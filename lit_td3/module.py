@@ -216,6 +216,15 @@ class TD3Module(pl.LightningModule):
             self.critic.compile()
         self.distribute(None)
 
+    def restore_from_rank_zero(self, observation_shapes: Mapping[str, list[int]], action_dim: int,
+                               counters: Mapping[str, Any]) -> None:
+        """Builds the networks of a trained module's shapes, where this module has none, and takes its counters: in
+        the main process of ranks started by ``spawn`` or ``fork``, which never ran ``setup``. Lightning then loads
+        rank 0's weights into them (``lit_td3.distributed``)."""
+        if not hasattr(self, "actor"):
+            self._build_networks(observation_shapes, action_dim)
+        self.counters = RunCounters.from_state(counters)
+
     def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None) -> None:
         """Runs the updates' forward passes through ``wrap(actor)`` and ``wrap(critic)`` (the DistributedDataParallel
         wrappers of ``TD3DDPStrategy``, which all-reduce each network's gradients in its backward), or, with None,

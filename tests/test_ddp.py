@@ -3,6 +3,9 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compr
 from lit_td3.config import ConfigError
 from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
-from tests.test_cli import counters_of, lit_td3, small_run_config
+from tests.test_cli import REPO, counters_of, lit_td3, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
@@ -103,6 +106,25 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
                      "--ckpt_path", "last")
     assert single.returncode == 2
     assert "2 rank(s)" in single.stderr and "1" in single.stderr
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_ranks_started_from_python_hand_the_trained_networks_back(tmp_path: Path, method: str) -> None:
+    # Lightning's spawn and fork launchers load rank 0's final weights into the main process's module, which never ran
+    # setup, where the networks are built: the module must come back whole, not silently without networks
+    config = ddp_config(tmp_path, total=400)
+    out = tmp_path / "main_process.pt"
+    done = subprocess.run([sys.executable, "-m", "tests.python_api_fit", method, str(out), "configs/td3.yaml",
+                           str(config)], check=False, cwd=REPO, env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    main = torch.load(out, weights_only=True)
+    rank_0 = torch.load(tmp_path / "run" / "rank_0.pt", weights_only=True)  # what rank 0 held at the end of the fit
+    assert main["state_dict"].keys() == rank_0["params"].keys()
+    for name, value in rank_0["params"].items():
+        torch.testing.assert_close(main["state_dict"][name], value, rtol=0, atol=0, msg=f"{name} not handed back")
+    assert main["counters"]["env_steps"] == 400
+    assert main["counters"]["critic_updates"] == rank_0["critic_updates"] > 0
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu)])
