@@ -1,8 +1,8 @@
-"""A 2-rank CPU fit started from Python with ``TD3DDPStrategy(start_method=METHOD)``, as a script or a notebook would
-start one; run as a subprocess by tests/test_ddp.py. After the fit, the main process saves its own module's weights
-and counters to OUT.
+"""A fit of DEVICES ranks started from Python with ``TD3DDPStrategy(start_method=METHOD)``, as a script or a notebook
+would start one; run as a subprocess by tests/test_ddp.py. After the fit, the main process saves its own module's
+weights and counters to OUT.
 
-    python -m tests.python_api_fit METHOD OUT CONFIG...
+    python -m tests.python_api_fit METHOD ACCELERATOR DEVICES OUT CONFIG...
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from lit_td3.cli import TD3CLI
 from lit_td3.distributed import TD3DDPStrategy
 
 
-def main(method: str, out: str, configs: list[str]) -> None:
+def main(method: str, accelerator: str, devices: int, out: str, configs: list[str]) -> None:
     cli = TD3CLI(args=[arg for config in configs for arg in ("--config", config)], run=False)
-    trainer = pl.Trainer(strategy=TD3DDPStrategy(start_method=method), accelerator="cpu", devices=2, max_epochs=-1,
-                         num_sanity_val_steps=0, enable_progress_bar=False, logger=cli.trainer.logger,
+    trainer = pl.Trainer(strategy=TD3DDPStrategy(start_method=method), accelerator=accelerator, devices=devices,
+                         max_epochs=-1, num_sanity_val_steps=0, enable_progress_bar=False, logger=cli.trainer.logger,
                          default_root_dir=cli.trainer.default_root_dir, callbacks=cli.trainer.callbacks)
     trainer.fit(cli.model, datamodule=cli.datamodule)
     torch.save({"state_dict": cli.model.state_dict(), "counters": dataclasses.asdict(cli.model.counters)}, out)
 
 
 if __name__ == "__main__":  # spawn imports this module again in every rank
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:])

@@ -109,21 +109,25 @@ def test_two_ranks_train_one_model_on_their_own_envs_and_resume(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])
-def test_ranks_started_from_python_hand_the_trained_networks_back(tmp_path: Path, method: str) -> None:
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu)])
+def test_ranks_started_from_python_hand_the_trained_networks_back(tmp_path: Path, method: str,
+                                                                  accelerator: str) -> None:
     # Lightning's spawn and fork launchers load rank 0's final weights into the main process's module, which never ran
-    # setup, where the networks are built: the module must come back whole, not silently without networks
+    # setup, where the networks are built: the module must come back whole, not silently without networks.
+    # 2 ranks on the CPU; on GPUs, as many as there are, up to 2.
+    devices = 2 if accelerator == "cpu" else min(torch.cuda.device_count(), 2)
     config = ddp_config(tmp_path, total=400)
     out = tmp_path / "main_process.pt"
-    done = subprocess.run([sys.executable, "-m", "tests.python_api_fit", method, str(out), "configs/td3.yaml",
-                           str(config)], check=False, cwd=REPO, env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "tests.python_api_fit", method, accelerator, str(devices), str(out),
+                           "configs/td3.yaml", str(config)], check=False, cwd=REPO,
+                          env={**os.environ, "SDL_VIDEODRIVER": "dummy"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     main = torch.load(out, weights_only=True)
     rank_0 = torch.load(tmp_path / "run" / "rank_0.pt", weights_only=True)  # what rank 0 held at the end of the fit
     assert main["state_dict"].keys() == rank_0["params"].keys()
     for name, value in rank_0["params"].items():
         torch.testing.assert_close(main["state_dict"][name], value, rtol=0, atol=0, msg=f"{name} not handed back")
-    assert main["counters"]["env_steps"] == 400
+    assert main["counters"]["env_steps"] == rank_0["env_steps"] == 400
     assert main["counters"]["critic_updates"] == rank_0["critic_updates"] > 0
 
 
