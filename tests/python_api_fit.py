@@ -27,4 +27,6 @@ def main(method: str, accelerator: str, devices: int, out: str, configs: list[st
 
 
 if __name__ == "__main__":  # spawn imports this module again in every rank
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5:])
+    method, accelerator, devices, out, *configs = sys.argv[1:]
+    del sys.argv[1:]  # not LightningCLI's arguments: it takes the configs as args
+    main(method, accelerator, int(devices), out, configs)
