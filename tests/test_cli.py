@@ -54,11 +54,15 @@ def small_run_config(tmp_path: Path, *, every: int, env_id: str, total: int, lea
     return path
 
 
-def lit_td3(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def python_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m module args`` in the repo, headless, its output captured."""
     env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "lit_td3", *args], check=False, cwd=REPO, env=env,
-                          capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def lit_td3(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return python_module("lit_td3", *args, timeout=timeout)
 
 
 def event_images(run_dir: Path, tag: str) -> list:

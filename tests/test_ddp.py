@@ -3,9 +3,6 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compr
 from lit_td3.config import ConfigError
 from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
-from tests.test_cli import REPO, counters_of, lit_td3, small_run_config
+from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
@@ -118,9 +115,8 @@ def test_ranks_started_from_python_hand_the_trained_networks_back(tmp_path: Path
     devices = 2 if accelerator == "cpu" else min(torch.cuda.device_count(), 2)
     config = ddp_config(tmp_path, total=400)
     out = tmp_path / "main_process.pt"
-    done = subprocess.run([sys.executable, "-m", "tests.python_api_fit", method, accelerator, str(devices), str(out),
-                           "configs/td3.yaml", str(config)], check=False, cwd=REPO,
-                          env={**os.environ, "SDL_VIDEODRIVER": "dummy"}, capture_output=True, text=True, timeout=600)
+    done = python_module("tests.python_api_fit", method, accelerator, str(devices), str(out), "configs/td3.yaml",
+                         str(config), timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     main = torch.load(out, weights_only=True)
     rank_0 = torch.load(tmp_path / "run" / "rank_0.pt", weights_only=True)  # what rank 0 held at the end of the fit
