@@ -7,6 +7,7 @@ Rollout statistics and stream states are small Python objects (episode results, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,7 @@ from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
 from lit_td3.config import ConfigError, check
+from lit_td3.graphs import capture_stream
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -75,12 +77,14 @@ class TD3DDPStrategy(DDPStrategy):
     def _wrap(self, network: Module) -> DistributedDataParallel:
         # On the stream of the updates, unlike DDPStrategy's side stream: DDP keeps the parameters' AccumulateGrad
         # nodes, made on the stream current here, and a mismatch costs every backward a cross-stream wait (PyTorch
-        # warns so; Lightning issue #21567).
+        # warns so; Lightning issue #21567). Under model.cuda_graphs the updates run on the graphs' capture stream.
         # Gradients as views of DDP's all-reduce buckets, unless the strategy is given gradient_as_bucket_view=False:
         # DDP then copies no gradient back out of its buckets after the all-reduce, one kernel fewer per parameter
         # and backward (27 per pixel update; BENCHMARKS.md, "Several GPUs"). Clipping scales the views in place.
         kwargs = {"gradient_as_bucket_view": True, **self._ddp_kwargs}
-        return DistributedDataParallel(network, device_ids=self.determine_ddp_device_ids(), **kwargs)
+        graphed = self.lightning_module.hparams.get("cuda_graphs") and self.root_device.type == "cuda"
+        with torch.cuda.stream(capture_stream(self.root_device.index)) if graphed else contextlib.nullcontext():
+            return DistributedDataParallel(network, device_ids=self.determine_ddp_device_ids(), **kwargs)
 
     def teardown(self) -> None:
         module = self.lightning_module

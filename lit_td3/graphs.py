@@ -17,12 +17,19 @@ for) is captured the same way, one graph per batch size. The rules capture impos
   (``global_step``) is advanced for each replay by ``on_replay``.
 - Warm-up: the first ``warmup`` calls run eagerly on a side stream (cuDNN, cuBLAS and Adam create their state there),
   following PyTorch's whole-network capture recipe; they are real updates, as are the replays.
+- Through ``TD3DDPStrategy``'s wrappers (one process: world size 1), a step is captured with DDP's all-reduces inside,
+  following PyTorch's recipe for DDP in a captured backward ("Usage with DistributedDataParallel" in PyTorch's CUDA
+  notes): the wrappers are built on the stream the steps warm up and are captured on (``capture_stream``), and at
+  least ``DDP_WARMUP`` eager calls come first, past the iterations in which DDP rebuilds its buckets and times
+  itself. Several processes are refused: on 2×H200 such a run hung, not yet diagnosed (BENCHMARKS.md, "Several
+  GPUs").
 """
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from functools import cache
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -35,6 +42,12 @@ Out = TypeVar("Out")
 FULL_PRECISIONS = ("32-true", "32", "64-true", "64")
 """Precisions of fused Adam, whose non-finite skip (``found_inf``) happens on the device and can be captured."""
 
+WARMUP = 3
+"""Eager calls before the capture, in one process."""
+DDP_WARMUP = 11
+"""Eager calls before the capture of a step that runs through DDP wrappers (PyTorch's CUDA notes: DDP rebuilds its
+buckets and records its runtime statistics with CUDA events in its first iterations, which a capture must not hold)."""
+
 
 def check_cuda_graphs(device: torch.device, world_size: int, precision: str, compile: bool = False) -> None:
     """Refuses ``model.cuda_graphs: true`` where capture cannot work, naming what to change."""
@@ -45,13 +58,20 @@ def check_cuda_graphs(device: torch.device, world_size: int, precision: str, com
     if device.type != "cuda":
         problems.append(f"a CUDA device (this run trains on {device.type!r}: set --trainer.accelerator gpu)")
     if world_size > 1:
-        problems.append(f"one process (this run has {world_size}: DDP's all-reduce is not captured; use "
-                        "model.cuda_graphs false with several devices)")
+        problems.append(f"one process (this run has {world_size}: with DDP's all-reduces captured, a 2-GPU run hung; "
+                        "use model.cuda_graphs false with several devices)")
     if str(precision) not in FULL_PRECISIONS:
         problems.append(f"precision 32-true or 64-true (this run: {precision!r}; under mixed precision Adam is not "
                         "fused, and the decision to skip a non-finite step is read on the host)")
     if problems:
         raise ConfigError(f"model.cuda_graphs=true needs {'; and '.join(problems)}")
+
+
+@cache
+def capture_stream(device: int) -> torch.cuda.Stream:
+    """The side stream on which the graphed steps of CUDA device ``device`` warm up and are captured, one per process
+    and device; ``TD3DDPStrategy`` builds its wrappers on it too, so that their gradient accumulators live on it."""
+    return torch.cuda.Stream(device)
 
 
 class GraphedStep(Generic[Out]):
@@ -62,13 +82,13 @@ class GraphedStep(Generic[Out]):
     """
 
     def __init__(self, step: Callable[[Any], Out], on_replay: Callable[[], None] | None = None,
-                 warmup: int = 3) -> None:
+                 warmup: int = WARMUP) -> None:
         self.step, self.on_replay, self.warmup = step, on_replay, warmup
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self._inputs: list[torch.Tensor] = []  # the graph's own copies of the input tensors
         self._outputs: Any = None
-        self._stream = torch.cuda.Stream()
+        self._stream = capture_stream(torch.cuda.current_device())
 
     def __call__(self, *inputs: Any) -> Out:
         self.calls += 1
@@ -89,7 +109,7 @@ class GraphedStep(Generic[Out]):
         gc.collect()
         gc.disable()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=self._stream):
                 self._outputs = self.step(*static)
         finally:
             if gc_was_enabled:

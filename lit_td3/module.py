@@ -29,7 +29,13 @@ from lit_td3.buffer import Transition
 from lit_td3.config import ConfigError, check
 from lit_td3.distributed import check_strategy, gather_from_ranks, sum_over_ranks
 from lit_td3.events import DeviceEvents, read_events
-from lit_td3.graphs import FULL_PRECISIONS, GraphedStep, check_cuda_graphs
+from lit_td3.graphs import (
+    DDP_WARMUP,
+    FULL_PRECISIONS,
+    WARMUP,
+    GraphedStep,
+    check_cuda_graphs,
+)
 from lit_td3.losses import actor_loss, critic_loss, smoothed_target_action, td_target
 from lit_td3.networks import Actor, NetworkConfig, TwinCritic, split_parameters
 from lit_td3.scalars import WindowMeans, log_scalars
@@ -304,8 +310,9 @@ class TD3Module(pl.LightningModule):
             _lay_out_like_parameters(opt.optimizer)
         self._env_step = torch.zeros((), dtype=torch.float64, device=self.device)
         if hp.cuda_graphs:
-            self._critic_step = GraphedStep(self.update_critic, on_replay=partial(_count_replayed_step, critic_opt))
-            self._actor_step = GraphedStep(self.update_actor, on_replay=partial(_count_replayed_step, actor_opt))
+            warmup = WARMUP if self._trained["critic"] is self.critic else DDP_WARMUP
+            self._critic_step = GraphedStep(self.update_critic, partial(_count_replayed_step, critic_opt), warmup)
+            self._actor_step = GraphedStep(self.update_actor, partial(_count_replayed_step, actor_opt), warmup)
 
     # ------------------------------------------------------------------------------------------------ TD3
     def training_step(self, batch: Transition, batch_idx: int) -> None:

@@ -33,6 +33,8 @@ class RankDump(pl.Callback):
                 "sync_checked": [c.checked for c in trainer.callbacks if isinstance(c, NoSyncAfter)],
                 "bucket_views": {name: getattr(net, "gradient_as_bucket_view", None)
                                  for name, net in pl_module._trained.items()},
+                "captured": {name: getattr(getattr(pl_module, f"_{name}_step"), "graph", None) is not None
+                             for name in ("critic", "actor")},
             },
             Path(trainer.default_root_dir) / f"rank_{trainer.global_rank}.pt",
         )

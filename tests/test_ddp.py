@@ -127,20 +127,27 @@ def test_ranks_started_from_python_hand_the_trained_networks_back(tmp_path: Path
     assert main["counters"]["critic_updates"] == rank_0["critic_updates"] > 0
 
 
-@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu)])
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=needs_a_gpu),
+                                         pytest.param("gpu-graphs", marks=needs_a_gpu)])
 def test_one_rank_of_ddp_trains_the_model_one_process_trains(tmp_path: Path, accelerator: str) -> None:
     # world size 1: DDP's hooks, bucket views and all-reduce in every update, an identity on the gradients; with the
-    # same seed the run must end with the parameters of a run without DDP (clipping and the guard act on the views)
+    # same seed the run must end with the parameters of a run without DDP (clipping and the guard act on the views).
+    # With CUDA graphs both runs capture their updates, the DDP run with its all-reduces (PyTorch's recipe: the
+    # wrappers built on the capture stream, 11 eager warm-up updates).
+    graphs_flags = ["--model.cuda_graphs", "true"]
+    accelerator, _, graphs = accelerator.partition("-")
     params, updates = {}, {}
     for strategy in ("ddp", "auto"):
         config = ddp_config(tmp_path / strategy, total=300)
         done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--trainer.strategy", strategy,
-                       "--trainer.devices", "1", "--trainer.accelerator", accelerator, timeout=600)
+                       "--trainer.devices", "1", "--trainer.accelerator", accelerator, *(graphs_flags if graphs else []),
+                       timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         dump = torch.load(tmp_path / strategy / "run" / "rank_0.pt", weights_only=True)
         params[strategy], updates[strategy] = dump["params"], dump["critic_updates"]
         views = strategy == "ddp" or None  # None: the networks themselves, in no wrapper
         assert dump["bucket_views"] == {"actor": views, "critic": views}
+        assert dump["captured"] == {"actor": bool(graphs), "critic": bool(graphs)}
     exact = {"rtol": 0, "atol": 0} if accelerator == "cpu" else {}  # cuBLAS may pick other kernels in another run
     assert params["ddp"].keys() == params["auto"].keys()
     for name, value in params["ddp"].items():

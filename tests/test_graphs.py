@@ -47,7 +47,7 @@ def test_cuda_graphs_are_refused_with_several_processes_or_mixed_precision() -> 
         check_cuda_graphs(torch.device("cpu"), 4, "16-mixed")
     with pytest.raises(ConfigError, match=r"needs model\.compile false"):
         check_cuda_graphs(cuda, 1, "32-true", compile=True)
-    check_cuda_graphs(cuda, 1, "32-true")  # the supported case passes
+    check_cuda_graphs(cuda, 1, "32-true")  # the supported case passes (also through TD3DDPStrategy: test_ddp)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
