@@ -35,21 +35,22 @@ RATE = 100
 """py-spy's samples per second, per thread: each sample stands for 10 ms."""
 
 STAGES = (
-    # (stage, a frame that marks it): the first stage whose marker is in a sample's stack takes the sample
-    ("Lightning's SIGTERM broadcast under DDP (`.item()`: waits for the GPU and the other rank)",
-     "_TrainingEpochLoop._broadcast_sigterm_tensor"),
-    ("sampling from the buffer (numpy frame gather)", "ReplayBuffer.sample"),
-    ("batch to the GPU", "Strategy.batch_to_device"),
-    ("DDP forward (the wrappers' Python)", "DistributedDataParallel.forward"),
-    ("backward (DDP's hooks and bucket copies run in it)", "_engine_run_backward"),
-    ("loss all-reduce of the non-finite guard", "sum_over_ranks"),
-    ("clipping and telemetry", "TD3Module.on_before_optimizer_step"),
-    ("Adam's step", "Adam.step"),
-    ("rest of the update (forward passes, losses)", "TD3Module.training_step"),
-    ("rollout: env wait, policy step, buffer write", "_DataFetcher.__next__"),
-    ("rest of Lightning's loop (hooks, logging)", "_TrainingEpochLoop.run"),
+    # (stage, the frames that mark it): the first stage with a marker in a sample's stack takes the sample
+    ("the per-batch SIGTERM check under DDP (`.item()`: waits for the GPU and the other rank)",
+     ("_TrainingEpochLoop._broadcast_sigterm_tensor", "_SigtermVote.__call__")),
+    ("sampling from the buffer (numpy frame gather)", ("ReplayBuffer.sample",)),
+    ("batch to the GPU", ("Strategy.batch_to_device",)),
+    ("DDP forward (the wrappers' Python)", ("DistributedDataParallel.forward",)),
+    ("backward (DDP's hooks and bucket copies run in it)", ("_engine_run_backward",)),
+    ("loss all-reduce of the non-finite guard", ("sum_over_ranks",)),
+    ("clipping and telemetry", ("TD3Module.on_before_optimizer_step",)),
+    ("Adam's step", ("Adam.step",)),
+    ("rest of the update (forward passes, losses)", ("TD3Module.training_step",)),
+    ("rollout: env wait, policy step, buffer write", ("_DataFetcher.__next__",)),
+    ("rest of Lightning's loop (hooks, logging)", ("_TrainingEpochLoop.run",)),
 )
 LOOP = "_TrainingEpochLoop.run"
+"""The frame of a rank's training loop: samples without it (imports, env workers, other threads) are left out."""
 
 
 def stacks(raw: Path) -> list[tuple[list[str], list[str], int]]:
@@ -71,7 +72,7 @@ def rank_stages(raw: Path) -> dict[str, Counter[str]]:
     for processes, frames, count in stacks(raw):
         if LOOP not in frames:
             continue
-        stage = next(name for name, marker in STAGES if marker in frames)
+        stage = next(name for name, markers in STAGES if any(marker in frames for marker in markers))
         ranks.setdefault(processes[-1], Counter())[stage] += count
     return ranks
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 import torch.distributed
 from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import (
@@ -23,6 +25,7 @@ from pytorch_lightning.strategies.launchers.multiprocessing import (
     _MultiProcessingLauncher,
 )
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -61,6 +64,13 @@ class TD3DDPStrategy(DDPStrategy):
                   "null: TD3DDPStrategy gives actor and critic each its own DistributedDataParallel, and Lightning "
                   "applies communication hooks and model averaging only to one wrapper around the whole module")
         super().__init__(*args, **kwargs)
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.world_size > 1:  # before the Trainer registers its signal handlers, which read the notifier
+            vote = _SigtermVote(trainer)
+            trainer._signal_connector._sigterm_notifier_fn = vote.note
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = vote
 
     def configure_ddp(self) -> None:
         module = self.lightning_module
@@ -118,6 +128,34 @@ class _NetworksReturningLauncher(_MultiProcessingLauncher):
         if "lit_td3" in worker_output.extra:
             trainer.lightning_module.restore_from_rank_zero(**worker_output.extra["lit_td3"])
         super()._recover_results_in_main_process(worker_output, trainer)
+
+
+class _SigtermVote:
+    """SIGTERM under DDP, decided by all ranks together at the start of a batch.
+
+    Lightning (2.6, its PR #20825) broadcasts rank 0's SIGTERM flag from inside its signal handler: a collective run
+    wherever the signal lands, which the other ranks answer with a different collective (a gradient all-reduce, the
+    guard's loss sum), and the ranks deadlock; a 2-rank fit sent SIGTERM hung until killed. Lightning's loop also
+    stops a rank on its own flag after a batch, where another rank may go on to the next one. Here the handler only
+    notes the signal, and at the start of every batch, where Lightning broadcasts the flag, the ranks take the maximum
+    of their notes: a SIGTERM to any rank (SLURM signals them all) stops every rank at the same batch, where
+    ``EnvStepCheckpoint`` saves the state of all of them together.
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer, self.received = trainer, False
+
+    def note(self, signum: int, frame: Any) -> None:
+        print(f"lit_td3: rank {self.trainer.global_rank} received signal {signum}; all ranks stop at the next batch",
+              file=sys.stderr)
+        self.received = True
+
+    def __call__(self) -> None:
+        vote = torch.tensor([int(self.received)], device=self.trainer.strategy.root_device)
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+        if vote.item():  # a host sync per batch, as Lightning's broadcast it replaces
+            self.trainer._signal_connector.received_sigterm = True
+            raise SIGTERMException()
 
 
 StrategyRegistry.register(TD3DDPStrategy.strategy_name, TD3DDPStrategy,

@@ -3,6 +3,9 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
+from tests.test_resume import finish, start
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
 needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -190,3 +194,35 @@ def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
         dumped = torch.load(tmp_path / "run" / f"rank_{rank}.pt", weights_only=True)
         assert dumped["critic_updates"] > 20
         assert dumped["sync_checked"] == [dumped["critic_updates"] - 10]
+
+
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["rank-0", "process-group"])
+def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_path: Path, to_the_group: bool) -> None:
+    # SLURM's preemption signals every process of the job (ranks and their async env workers); `kill PID` only rank 0.
+    # Either way all ranks must stop at the same batch, write one crash checkpoint holding every rank's state and
+    # buffer shard, and end with 128 + SIGTERM, as one process does (tests/test_resume.py). With Lightning's own
+    # handling the ranks deadlocked: its signal handler runs a collective wherever the signal lands.
+    config = ddp_config(tmp_path, total=20_000, every=200)
+    envs = ["--data.async_envs", "true", "--data.num_envs", "2"] if to_the_group else []
+    running = start(config, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                    "--data.eval_episodes", "0", *envs, own_process_group=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    while not (checkpoints / "env_step=200.ckpt").exists():
+        assert running.poll() is None, finish(running).stderr[-4000:]
+        time.sleep(0.02)
+    time.sleep(0.5)
+    if to_the_group:
+        os.killpg(running.pid, signal.SIGTERM)
+    else:
+        running.send_signal(signal.SIGTERM)
+    stopped = finish(running, timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
+    assert "SIGTERM received" in stopped.stderr
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-4000:]
+    state = torch.load(checkpoints / "last.ckpt", weights_only=True)["lit_td3"]
+    steps = state["counters"]["env_steps"]
+    assert 200 < steps < 20_000
+    assert [rank["counters"]["env_steps"] for rank in state["ranks"]] == [steps, steps]  # the same batch on both
+    assert state["buffer"]["env_step"] == steps
+    assert state["buffer"]["transitions"] == [steps // 2, steps // 2]  # each rank's shard, written at the stop
+    assert [(checkpoints / name).is_file() for name in state["buffer_files"]] == [True, True]
