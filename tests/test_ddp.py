@@ -3,9 +3,7 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
-from tests.test_resume import finish, start
+from tests.test_resume import sigterm_after, start
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
 needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -207,15 +205,7 @@ def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_p
     running = start(config, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                     "--data.eval_episodes", "0", *envs, own_process_group=True)
     checkpoints = tmp_path / "run" / "checkpoints"
-    while not (checkpoints / "env_step=200.ckpt").exists():
-        assert running.poll() is None, finish(running).stderr[-4000:]
-        time.sleep(0.02)
-    time.sleep(0.5)
-    if to_the_group:
-        os.killpg(running.pid, signal.SIGTERM)
-    else:
-        running.send_signal(signal.SIGTERM)
-    stopped = finish(running, timeout=300)
+    stopped = sigterm_after(running, checkpoints / "env_step=200.ckpt", to_the_group, delay_s=0.5, timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
     assert "SIGTERM received" in stopped.stderr
     assert "Traceback" not in stopped.stderr, stopped.stderr[-4000:]

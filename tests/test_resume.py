@@ -88,14 +88,31 @@ def fit(config: Path, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
     return finish(start(config, *args, **kwargs))
 
 
-def kill_after(process: subprocess.Popen, checkpoint: Path, delay_s: float = 0.05) -> None:
-    """``kill -9`` the run some time after ``checkpoint`` appeared, while it is still training."""
+def wait_for(process: subprocess.Popen, checkpoint: Path, delay_s: float) -> None:
+    """Returns ``delay_s`` after ``checkpoint`` appeared, failing if the run ended before writing it."""
     while not checkpoint.exists():
         assert process.poll() is None, f"the run ended before writing {checkpoint}: {finish(process).stderr[-3000:]}"
         time.sleep(0.02)
     time.sleep(delay_s)
+
+
+def kill_after(process: subprocess.Popen, checkpoint: Path, delay_s: float = 0.05) -> None:
+    """``kill -9`` the run some time after ``checkpoint`` appeared, while it is still training."""
+    wait_for(process, checkpoint, delay_s)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def sigterm_after(process: subprocess.Popen, checkpoint: Path, to_the_group: bool, delay_s: float = 0.05,
+                  timeout: float = 240) -> subprocess.CompletedProcess:
+    """SIGTERM to the run's main process, or to its whole process group as SLURM and ``timeout`` send it (the run
+    must have its own), some time after ``checkpoint`` appeared; returns how the run ended."""
+    wait_for(process, checkpoint, delay_s)
+    if to_the_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    return finish(process, timeout)
 
 
 def checkpoints_of(config: Path) -> Path:
@@ -199,15 +216,7 @@ def test_sigterm_saves_the_current_state_and_exits_non_zero(tmp_path: Path, to_t
     config = run_config(tmp_path, env_id="Pendulum-v1", total=5000, every=100, episode_steps=50, learning_starts=50,
                         data={"async_envs": to_the_group, "num_envs": 2 if to_the_group else 1, "eval_episodes": 0})
     running = start(config, own_process_group=to_the_group)
-    while not (checkpoints_of(config) / "env_step=100.ckpt").exists():
-        assert running.poll() is None, finish(running).stderr[-3000:]
-        time.sleep(0.02)
-    time.sleep(0.05)
-    if to_the_group:
-        os.killpg(running.pid, signal.SIGTERM)
-    else:
-        running.send_signal(signal.SIGTERM)
-    stopped = finish(running)
+    stopped = sigterm_after(running, checkpoints_of(config) / "env_step=100.ckpt", to_the_group)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     assert "SIGTERM received" in stopped.stderr
     assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]  # the env workers' teardown included
