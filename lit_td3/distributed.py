@@ -68,8 +68,10 @@ class TD3DDPStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.world_size > 1:  # before the Trainer registers its signal handlers, which read the notifier
-            vote = _SigtermVote(trainer)
-            trainer._signal_connector._sigterm_notifier_fn = vote.note
+            vote = _SignalVote(trainer)
+            connector = trainer._signal_connector
+            connector._sigterm_notifier_fn = vote.note_stop
+            connector._slurm_sigusr_handler_fn = vote.note_requeue
             trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = vote
 
     def configure_ddp(self) -> None:
@@ -130,30 +132,45 @@ class _NetworksReturningLauncher(_MultiProcessingLauncher):
         super()._recover_results_in_main_process(worker_output, trainer)
 
 
-class _SigtermVote:
-    """SIGTERM under DDP, decided by all ranks together at the start of a batch.
+class _SignalVote:
+    """SIGTERM and SLURM's requeue signal under DDP, acted on by all ranks together at the start of a batch.
 
-    Lightning (2.6, its PR #20825) broadcasts rank 0's SIGTERM flag from inside its signal handler: a collective run
-    wherever the signal lands, which the other ranks answer with a different collective (a gradient all-reduce, the
-    guard's loss sum), and the ranks deadlock; a 2-rank fit sent SIGTERM hung until killed. Lightning's loop also
-    stops a rank on its own flag after a batch, where another rank may go on to the next one. Here the handler only
-    notes the signal, and at the start of every batch, where Lightning broadcasts the flag, the ranks take the maximum
-    of their notes: a SIGTERM to any rank (SLURM signals them all) stops every rank at the same batch, where
-    ``EnvStepCheckpoint`` saves the state of all of them together.
+    Lightning (2.6) acts on both inside its signal handlers, wherever the signal lands: for SIGTERM it broadcasts
+    rank 0's flag (its PR #20825), and for SLURM's requeue signal (SIGUSR1, with ``auto_requeue``) it saves a
+    checkpoint, whose state is gathered from all ranks. Such a collective can meet a different one on another rank (a
+    gradient all-reduce, the guard's loss sum): a 2-rank fit sent SIGTERM deadlocked so (the requeue signal did not,
+    in the one run tried). Lightning's loop also stops a rank on its own SIGTERM flag after a batch, where another
+    rank may go on to the next one. Here the handlers only note a signal, and at the start of every batch, where
+    Lightning broadcast the flag, the ranks take the maximum of their notes: a signal to any rank (SLURM signals them
+    all) acts on every rank at the same batch. SIGTERM stops them there, where ``EnvStepCheckpoint`` saves the state of
+    all of them together; the requeue signal runs Lightning's own requeue there (its checkpoint, then ``scontrol
+    requeue`` from rank 0), and training goes on.
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
-        self.trainer, self.received = trainer, False
+        self.trainer, self.stop, self.requeue = trainer, False, 0  # requeue: the signal's number once received
+        self._requeue = trainer._signal_connector._slurm_sigusr_handler_fn  # Lightning's, run here at a batch start
 
-    def note(self, signum: int, frame: Any) -> None:
-        print(f"lit_td3: rank {self.trainer.global_rank} received signal {signum}; all ranks stop at the next batch",
-              file=sys.stderr)
-        self.received = True
+    def note_stop(self, signum: int, frame: Any) -> None:
+        self._announce(signum, "stop")
+        self.stop = True
+
+    def note_requeue(self, signum: int, frame: Any) -> None:
+        self._announce(signum, "requeue")
+        self.requeue = signum
+
+    def _announce(self, signum: int, action: str) -> None:
+        print(f"lit_td3: rank {self.trainer.global_rank} received signal {signum}; all ranks {action} at the next "
+              "batch", file=sys.stderr)
 
     def __call__(self) -> None:
-        vote = torch.tensor([int(self.received)], device=self.trainer.strategy.root_device)
-        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
-        if vote.item():  # a host sync per batch, as Lightning's broadcast it replaces
+        votes = torch.tensor([int(self.stop), self.requeue], device=self.trainer.strategy.root_device)
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+        stop, requeue = votes.tolist()  # a host sync per batch, as Lightning's broadcast it replaces
+        if requeue:
+            self.requeue = 0
+            self._requeue(requeue, None)
+        if stop:
             self.trainer._signal_connector.received_sigterm = True
             raise SIGTERMException()
 

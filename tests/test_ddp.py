@@ -4,6 +4,7 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 from __future__ import annotations
 
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
-from tests.test_resume import sigterm_after, start
+from tests.test_resume import finish, sigterm_after, start, wait_for
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
 needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -216,3 +217,33 @@ def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_p
     assert state["buffer"]["env_step"] == steps
     assert state["buffer"]["transitions"] == [steps // 2, steps // 2]  # each rank's shard, written at the stop
     assert [(checkpoints / name).is_file() for name in state["buffer_files"]] == [True, True]
+
+
+def test_slurm_requeue_signal_checkpoints_every_rank_at_one_env_step_and_training_goes_on(tmp_path: Path) -> None:
+    # srun starts one task per rank (here: two processes with srun's variables), and `#SBATCH --signal=USR1@90` makes
+    # SLURM send the requeue signal to every task. Lightning's auto-requeue saves a checkpoint of all ranks and asks
+    # SLURM to requeue the job (no `scontrol` here: it says so and goes on); training goes on until SLURM stops it.
+    # Lightning does this inside its signal handler, the checkpoint's collectives wherever the signal lands on each
+    # rank; lit_td3 does it on all ranks at the same batch.
+    config = ddp_config(tmp_path, total=1000, every=200)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tasks = []
+    for rank in (0, 1):
+        srun = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lit_td3",
+                "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        tasks.append(start(config, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator",
+                           "cpu", "--data.eval_episodes", "0", env=srun))
+    wait_for(tasks[0], tmp_path / "run" / "checkpoints" / "env_step=200.ckpt", delay_s=0.5)
+    for task in tasks:
+        task.send_signal(signal.SIGUSR1)
+    ends = [finish(task, timeout=300) for task in tasks]
+    assert [end.returncode for end in ends] == [0, 0], ends[0].stderr[-3000:] + ends[1].stderr[-3000:]
+    assert "Requeuing SLURM job 4242 failed" in ends[0].stderr  # asked from rank 0; there is no scontrol here
+    requeued = torch.load(tmp_path / "run" / "hpc_ckpt_1.ckpt", weights_only=True)["lit_td3"]
+    steps = requeued["counters"]["env_steps"]
+    assert 200 < steps < 1000
+    assert [rank["counters"]["env_steps"] for rank in requeued["ranks"]] == [steps, steps]  # the same batch on both
+    assert counters_of(tmp_path / "run" / "checkpoints" / "last.ckpt")["env_steps"] == 1000  # and it went on
