@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_td3.buffer import ReplayBuffer
@@ -109,6 +110,12 @@ class RolloutStream(IterableDataset):
                 with dm.timings.timed("env_ms"):
                     step = envs.step_wait() if overlapped else envs.step(actions)
                 dm.record(actions, *step, agent=self.agent)
+        except (BrokenPipeError, ConnectionResetError, EOFError) as err:
+            # SLURM's preemption and `timeout` signal the whole process group: the env workers may die of the
+            # SIGTERM before this process stops at the end of its batch. That is the stop, not an env failure.
+            if self.agent.trainer.received_sigterm:
+                raise SIGTERMException() from err
+            raise
         finally:
             dm.write_transitions()  # also when an env fails: a crash checkpoint's buffer holds every counted step
         if counters.env_steps > dm.timings.env_steps:

@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lit_td3.data import RolloutDataModule, RolloutStream, numeric_info
 from lit_td3.envs import DISCARD_KEY, STEP_TIME_KEY
@@ -54,7 +55,7 @@ class FakeAgent:
     def __init__(self, action: float = 0.5) -> None:
         self.counters = RunCounters()
         self.log_every_n_env_steps = 1000
-        self.trainer = SimpleNamespace(should_stop=False)
+        self.trainer = SimpleNamespace(should_stop=False, received_sigterm=False)
         self.action = action
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -237,20 +238,37 @@ def test_async_stream_writes_a_step_while_the_envs_compute_the_next_and_samples_
     assert not (obs == next_obs).all(dim=1).any()
 
 
-def test_an_env_step_that_fails_to_start_leaves_every_counted_step_in_the_buffer() -> None:
-    dm, agent, envs = async_pendulum_stream()
+def break_the_env_pipe_at(dm: RolloutDataModule, agent: FakeAgent, envs: gym.vector.VectorEnv, env_step: int,
+                          after_sigterm: bool) -> None:
+    """Runs the stream until its env workers' pipe breaks at ``env_step``, the learner having received SIGTERM first
+    or not; what the stream raises propagates."""
     step_async = envs.step_async
 
     def failing_step_async(actions: np.ndarray) -> None:
-        if agent.counters.env_steps == 16:
+        if agent.counters.env_steps == env_step:
+            agent.trainer.received_sigterm = after_sigterm
             raise BrokenPipeError("env worker gone")
         step_async(actions)
 
     envs.step_async = failing_step_async
     try:
-        with pytest.raises(BrokenPipeError):
-            list(RolloutStream(dm, agent))
+        list(RolloutStream(dm, agent))
     finally:
         dm.teardown("fit")
+
+
+def test_an_env_step_that_fails_to_start_leaves_every_counted_step_in_the_buffer() -> None:
+    dm, agent, envs = async_pendulum_stream()
+    with pytest.raises(BrokenPipeError):
+        break_the_env_pipe_at(dm, agent, envs, 16, after_sigterm=False)
     # What a crash checkpoint would save: the transitions of all 16 counted env steps, the last written on the way out.
+    assert agent.counters.env_steps == len(dm.buffer) == 16
+
+
+def test_an_env_worker_gone_after_sigterm_is_the_stop_not_an_env_failure() -> None:
+    # The group's SIGTERM (SLURM, `timeout`) can end the env workers before the learner stops at the end of its batch
+    # (tests/test_resume.py forces it in a real run): the broken pipe then means "stop", exit 143 with a checkpoint.
+    dm, agent, envs = async_pendulum_stream()
+    with pytest.raises(SIGTERMException):
+        break_the_env_pipe_at(dm, agent, envs, 16, after_sigterm=True)
     assert agent.counters.env_steps == len(dm.buffer) == 16

@@ -7,6 +7,7 @@ import signal
 import socket
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -18,7 +19,13 @@ from lit_td3.distributed import TD3DDPStrategy, check_strategy
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
-from tests.test_resume import finish, sigterm_after, start, wait_for
+from tests.test_resume import (
+    finish,
+    sigterm_after,
+    sigterm_env_workers_first,
+    start,
+    wait_for,
+)
 
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 GPUs")
 needs_a_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -195,18 +202,25 @@ def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
         assert dumped["sync_checked"] == [dumped["critic_updates"] - 10]
 
 
-@pytest.mark.parametrize("to_the_group", [False, True], ids=["rank-0", "process-group"])
-def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_path: Path, to_the_group: bool) -> None:
+@pytest.mark.parametrize("to", ["rank-0", "process-group", "group-env-workers-first"])
+def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_path: Path, to: str) -> None:
     # SLURM's preemption signals every process of the job (ranks and their async env workers); `kill PID` only rank 0.
     # Either way all ranks must stop at the same batch, write one crash checkpoint holding every rank's state and
     # buffer shard, and end with 128 + SIGTERM, as one process does (tests/test_resume.py). With Lightning's own
-    # handling the ranks deadlocked: its signal handler runs a collective wherever the signal lands.
+    # handling the ranks deadlocked: its signal handler runs a collective wherever the signal lands. Last variant: the
+    # env workers die of the group's SIGTERM before their ranks get to stop (forced, as in test_resume).
     config = ddp_config(tmp_path, total=20_000, every=200)
-    envs = ["--data.async_envs", "true", "--data.num_envs", "2"] if to_the_group else []
+    envs = ["--data.async_envs", "true", "--data.num_envs", "2"] if to != "rank-0" else []
     running = start(config, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
                     "--data.eval_episodes", "0", *envs, own_process_group=True)
     checkpoints = tmp_path / "run" / "checkpoints"
-    stopped = sigterm_after(running, checkpoints / "env_step=200.ckpt", to_the_group, delay_s=0.5, timeout=300)
+    if to == "group-env-workers-first":
+        wait_for(running, checkpoints / "env_step=200.ckpt", delay_s=0.5)
+        rank_1 = [p.pid for p in psutil.Process(running.pid).children() if "lit_td3" in " ".join(p.cmdline())]
+        stopped = sigterm_env_workers_first(running, [running.pid, *rank_1], timeout=300)
+    else:
+        stopped = sigterm_after(running, checkpoints / "env_step=200.ckpt", to == "process-group", delay_s=0.5,
+                                timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-4000:]
     assert "SIGTERM received" in stopped.stderr
     assert "Traceback" not in stopped.stderr, stopped.stderr[-4000:]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -224,6 +225,47 @@ def test_sigterm_saves_the_current_state_and_exits_non_zero(tmp_path: Path, to_t
     assert 100 < state["counters"]["env_steps"] < 5000
     assert state["buffer"]["env_step"] == state["counters"]["env_steps"]  # the buffer was written with it
     assert (checkpoints_of(config) / state["buffer_files"][0]).is_file()
+
+
+def test_sigterm_still_stops_with_a_checkpoint_when_the_env_workers_died_first(tmp_path: Path) -> None:
+    # The group's SIGTERM can end the env workers before the main process has finished its batch: its next env step
+    # then meets a closed pipe. That is the stop, not an env failure. Forced here: the main process is stopped while the
+    # group is signalled, and continues once its workers are gone (its own SIGTERM is delivered first).
+    config = run_config(tmp_path, env_id="Pendulum-v1", total=5000, every=100, episode_steps=50, learning_starts=50,
+                        data={"async_envs": True, "num_envs": 2, "eval_episodes": 0})
+    running = start(config, own_process_group=True)
+    wait_for(running, checkpoints_of(config) / "env_step=100.ckpt", delay_s=0.05)
+    stopped = sigterm_env_workers_first(running, [running.pid])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    state = load(checkpoints_of(config) / "last.ckpt")["lit_td3"]
+    assert state["buffer"]["env_step"] == state["counters"]["env_steps"] > 100
+
+
+def sigterm_env_workers_first(running: subprocess.Popen, learners: list[int],
+                              timeout: float = 240) -> subprocess.CompletedProcess:
+    """SIGTERM to the run's process group, with the learner processes stopped until their env workers have died of it;
+    returns how the run ended."""
+    # the env workers and their forkserver; multiprocessing's resource tracker ignores SIGTERM by design
+    workers = [child for child in psutil.Process(running.pid).children(recursive=True)
+               if child.pid not in learners and "resource_tracker" not in " ".join(child.cmdline())]
+    for pid in learners:
+        os.kill(pid, signal.SIGSTOP)
+    os.killpg(running.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while not all(_ended(worker) for worker in workers):  # zombies until the stopped learners reap them
+        assert time.monotonic() < deadline, "the env workers outlived the SIGTERM"
+        time.sleep(0.05)
+    for pid in learners:
+        os.kill(pid, signal.SIGCONT)
+    return finish(running, timeout)
+
+
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------- damaged files
