@@ -151,22 +151,22 @@ class _SignalVote:
         self.trainer, self.stop, self.requeue = trainer, False, 0  # requeue: the signal's number once received
         self._requeue = trainer._signal_connector._slurm_sigusr_handler_fn  # Lightning's, run here at a batch start
 
+    # The handlers only set a flag: anything more (even a print, whose stream the interrupted code may be writing)
+    # can fail wherever the signal lands.
     def note_stop(self, signum: int, frame: Any) -> None:
-        self._announce(signum, "stop")
         self.stop = True
 
     def note_requeue(self, signum: int, frame: Any) -> None:
-        self._announce(signum, "requeue")
         self.requeue = signum
-
-    def _announce(self, signum: int, action: str) -> None:
-        print(f"lit_td3: rank {self.trainer.global_rank} received signal {signum}; all ranks {action} at the next "
-              "batch", file=sys.stderr)
 
     def __call__(self) -> None:
         votes = torch.tensor([int(self.stop), self.requeue], device=self.trainer.strategy.root_device)
         torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
         stop, requeue = votes.tolist()  # a host sync per batch, as Lightning's broadcast it replaces
+        if stop or requeue:
+            signal_, action = ("SIGTERM", "stop") if stop else ("the requeue signal", "requeue")
+            print(f"lit_td3: rank {self.trainer.global_rank}: a rank received {signal_}; all ranks {action} at this "
+                  "batch", file=sys.stderr)
         if requeue:
             self.requeue = 0
             self._requeue(requeue, None)
