@@ -37,7 +37,7 @@ RATE = 100
 STAGES = (
     # (stage, the frames that mark it): the first stage with a marker in a sample's stack takes the sample
     ("the per-batch SIGTERM check under DDP (`.item()`: waits for the GPU and the other rank)",
-     ("_TrainingEpochLoop._broadcast_sigterm_tensor", "_SigtermVote.__call__")),
+     ("_TrainingEpochLoop._broadcast_sigterm_tensor", "_SignalVote.__call__")),
     ("sampling from the buffer (numpy frame gather)", ("ReplayBuffer.sample",)),
     ("batch to the GPU", ("Strategy.batch_to_device",)),
     ("DDP forward (the wrappers' Python)", ("DistributedDataParallel.forward",)),

@@ -79,10 +79,9 @@ def run(kind: str, args: argparse.Namespace, root: Path) -> tuple[float, dict[st
     for _, process in runs:
         if process.wait():
             raise subprocess.CalledProcessError(process.returncode, process.args)
-    rate, stages = 0.0, {}
+    rate, stages, start = 0.0, {}, args.learning_starts + 2 * args.log_every
     for run_root, _ in runs:
         scalars = load_run(run_root)
-        start = args.learning_starts + 2 * args.log_every
         rate += statistics.median(learning_phase(scalars, "perf/env_steps_per_s", start))
         for stage in STAGES:
             if f"perf/{stage}" in scalars:

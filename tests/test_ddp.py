@@ -4,7 +4,6 @@ everywhere, and on 2 GPUs (NCCL) where a machine has them."""
 from __future__ import annotations
 
 import signal
-import socket
 from pathlib import Path
 
 import psutil
@@ -16,6 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compr
 
 from lit_td3.config import ConfigError
 from lit_td3.distributed import TD3DDPStrategy, check_strategy
+from lit_td3.envs.carla.server import free_port
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
 from tests.test_faults import FAULTY_ENV_ID, env_steps_named
@@ -240,9 +240,7 @@ def test_slurm_requeue_signal_checkpoints_every_rank_at_one_env_step_and_trainin
     # Lightning does this inside its signal handler, the checkpoint's collectives wherever the signal lands on each
     # rank; lit_td3 does it on all ranks at the same batch.
     config = ddp_config(tmp_path, total=1000, every=200)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tasks = []
     for rank in (0, 1):
         srun = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),

@@ -24,7 +24,7 @@ def test_samples_go_to_their_rank_and_to_the_first_stage_on_their_stack(tmp_path
         # the SIGTERM check is inside the loop's advance, and listed before the loop's catch-all stage; Lightning's
         # broadcast and lit_td3's vote that replaces it are one stage
         f"{RANK_0};{LOOP};_TrainingEpochLoop._broadcast_sigterm_tensor (x.py:265) 7",
-        f"{RANK_0};{LOOP};_SigtermVote.__call__ (distributed.py:170) 1",
+        f"{RANK_0};{LOOP};_SignalVote.__call__ (distributed.py:170) 1",
         # clipping runs inside Adam's step (Lightning's closure): it is counted as clipping, not as the step
         f"{RANK_0};{LOOP};Adam.step (adam.py:227);TD3Module.on_before_optimizer_step (module.py:375) 5",
         f"{RANK_0};{LOOP};Adam.step (adam.py:227) 2",
@@ -40,7 +40,7 @@ def test_samples_go_to_their_rank_and_to_the_first_stage_on_their_stack(tmp_path
 
     ranks = rank_stages(raw)
     assert set(ranks) == {RANK_0, RANK_1}
-    assert ranks[RANK_0] == {stage["_SigtermVote.__call__"]: 8,
+    assert ranks[RANK_0] == {stage["_SignalVote.__call__"]: 8,
                              stage["TD3Module.on_before_optimizer_step"]: 5, stage["Adam.step"]: 2}
     assert ranks[RANK_1] == {stage["DistributedDataParallel.forward"]: 3, stage["_TrainingEpochLoop.run"]: 4}
 
