@@ -302,10 +302,9 @@ def timed_ms(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 1) 
 
 
 def time_lit_sampling(buffer: ReplayBuffer, batch_size: int, device: str, repeats: int) -> list[float]:
-    """Milliseconds per batch the way the learner gets it: ``buffer.sample`` (in the data module's
-    ``on_before_batch_transfer``), then Lightning's copy to the device (from pageable memory: nothing pins it)."""
-    target = torch.device(device)
-    return timed_ms(lambda: to_device(buffer.sample(batch_size), target), device, repeats)
+    """Milliseconds per batch the way the learner gets it: ``buffer.sample`` onto the learner's device (in the data
+    module's ``on_before_batch_transfer``), synchronized."""
+    return timed_ms(lambda: buffer.sample(batch_size, device), device, repeats)
 
 
 def to_device(batch: Transition, device: torch.device) -> Transition:

@@ -36,10 +36,10 @@ RATE = 100
 
 STAGES = (
     # (stage, the frames that mark it): the first stage with a marker in a sample's stack takes the sample
-    ("the per-batch SIGTERM check under DDP (`.item()`: waits for the GPU and the other rank)",
+    ("the per-batch SIGTERM check under DDP (Lightning's broadcast or lit_td3's vote)",
      ("_TrainingEpochLoop._broadcast_sigterm_tensor", "_SignalVote.__call__")),
-    ("sampling from the buffer (numpy frame gather)", ("ReplayBuffer.sample",)),
-    ("batch to the GPU", ("Strategy.batch_to_device",)),
+    ("sampling from the buffer (numpy frame gather; the copy to the GPU, where it issues it)", ("ReplayBuffer.sample",)),
+    ("batch to the GPU (Lightning's copy)", ("Strategy.batch_to_device",)),
     ("DDP forward (the wrappers' Python)", ("DistributedDataParallel.forward",)),
     ("backward (DDP's hooks and bucket copies run in it)", ("_engine_run_backward",)),
     ("loss all-reduce of the non-finite guard", ("sum_over_ranks",)),

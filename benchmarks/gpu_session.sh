@@ -12,8 +12,9 @@
 #   bash benchmarks/gpu_session.sh ab OUTDIR      # the A/B validation runs and their report
 #   bash benchmarks/gpu_session.sh ddp OUTDIR     # the DDP tests on NCCL, then 1 vs 2 GPUs (a machine with 2 GPUs)
 #   bash benchmarks/gpu_session.sh render OUTDIR  # the embedded env vs gymnasium's renderer, then SB3 on each
-#   bash benchmarks/gpu_session.sh builds OUTDIR OLDTREE  # one env, this tree vs another build, alternating rounds
-#     (OLDTREE: an unpacked `git archive REV`, inside this tree so that it travels to the GPU machine)
+#   bash benchmarks/gpu_session.sh builds OUTDIR OLDTREE [FLAGS...]  # this tree vs another build, alternating
+#     rounds of env_scaling.py with FLAGS (default: one env, graphs, CUDA buffer); OLDTREE: an unpacked
+#     `git archive REV`, inside this tree so that it travels to the GPU machine
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
 if [ -d .whl ]; then
@@ -89,6 +90,7 @@ case $part in
     flags="--device cuda --num-envs 1 --replay-ratio 1 --repeats 1 --steps 1500 --learning-starts 500 --warmup-steps 200
       --env-only-steps 300 --lit-arg=--model.cuda_graphs=true --lit-arg=--data.buffer_device=cuda
       --lit-arg=--trainer.benchmark=true"
+    [ $# -gt 3 ] && flags="--device cuda --repeats 1 ${*:4}"
     for round in 1 2 3 4; do
       trees="$old $new"; [ $((round % 2)) -eq 0 ] && trees="$new $old"
       for tree in $trees; do

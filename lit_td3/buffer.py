@@ -19,10 +19,11 @@ that were overwritten.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,10 +38,12 @@ VECTOR = "vector"
 _FORMAT = "lit_td3.ReplayBuffer"
 _VERSION = 1
 _MAX_SLOTS = 2**31 - 1  # frame slots are stored as int32
+_Empty = Callable[[Sequence[int], torch.dtype], torch.Tensor] | None
+"""Where ``_gather`` writes a batch: a function giving an empty tensor of a shape and dtype; None for new tensors."""
 
 
 class Transition(NamedTuple):
-    """A batch of transitions, on the buffer's device."""
+    """A batch of transitions, on the device it was sampled to (the buffer's by default)."""
 
     obs: dict[str, torch.Tensor]
     """``image``: uint8 [B, S, H, W]; ``vector``: float32 [B, D]."""
@@ -150,6 +153,7 @@ class ReplayBuffer:
         # without reading the storage back (for a CUDA buffer that was a device-to-host copy, and a sync, per add).
         self._open_frames = np.zeros((self._num_envs, *self._image_shape), np.uint8) if self._image_shape else None
         self._staging = _PinnedStaging(self._max_add_nbytes(), self._device) if self._device.type == "cuda" else None
+        self._sample_staging: _PinnedStaging | None = None  # for batches to a GPU, made by the first such sample
         self._added = 0  # transitions ever added; transition t lives in slot t % capacity
         self._oldest = 0  # counter of the oldest transition still stored
         self._frames_added = 0  # frames ever written; frame g lives in slot g % frame_capacity
@@ -381,15 +385,33 @@ class ReplayBuffer:
         return flat.cpu().numpy().reshape(*frame_slots.shape, *self._frames.shape[1:])
 
     # ------------------------------------------------------------------------------------------------ reading
-    def sample(self, batch_size: int) -> Transition:
-        """``batch_size`` transitions drawn uniformly (with replacement) from those stored, on ``device``."""
+    def sample(self, batch_size: int, device: str | torch.device | None = None) -> Transition:
+        """``batch_size`` transitions drawn uniformly (with replacement) from those stored, on ``device`` (default:
+        the buffer's).
+
+        From a CPU buffer to a GPU, the batch is gathered straight into pinned memory and goes over in one
+        asynchronous copy (``_PinnedStaging``): copies from pageable memory, as ``Tensor.to`` of a batch gathered on
+        the CPU makes, each wait for the GPU's queued work (the update before) and for their bytes to be staged.
+        """
         _check_int("batch_size", batch_size, 1)
         if len(self) == 0:
             raise ValueError("cannot sample from an empty ReplayBuffer: add() transitions first")
         if batch_size > len(self):
             raise ValueError(f"batch_size={batch_size} is larger than the {len(self)} transitions stored")
         positions = torch.randint(len(self), (batch_size,), generator=self._generator, device=self._device)
-        return self._gather((positions + self._oldest) % self._capacity)
+        slots = (positions + self._oldest) % self._capacity
+        to = self._device if device is None else torch.device(device)
+        if to.type == "cuda" and self._device.type == "cpu":
+            return self._gather_to_gpu(slots, to)
+        return _mapped(self._gather(slots), lambda t: t.to(to))
+
+    def _gather_to_gpu(self, slots: torch.Tensor, device: torch.device) -> Transition:
+        staging, nbytes = self._sample_staging, self._batch_nbytes(len(slots))
+        if staging is None or staging.device != device or staging.nbytes < nbytes:
+            staging = self._sample_staging = _PinnedStaging(nbytes, device)
+        with staging.round():
+            staged = self._gather(slots, staging.empty)
+            return _mapped(staged, staging.to_device(staging.copy()))
 
     def get(self, indices: torch.Tensor | Sequence[int]) -> Transition:
         """The stored transitions at these positions, 0 being the oldest and ``len(self) - 1`` the newest."""
@@ -399,18 +421,23 @@ class ReplayBuffer:
             raise IndexError(f"indices {bad[:5].tolist()} out of range: the buffer holds {len(self)} transitions")
         return self._gather(((positions + self._oldest) % self._capacity).to(self._device))
 
-    def _gather(self, slots: torch.Tensor) -> Transition:
+    def _gather(self, slots: torch.Tensor, empty: _Empty = None) -> Transition:
+        """The transitions in these ring slots, each tensor written into ``empty(shape, dtype)`` where given (a
+        pinned staging area), else new on the buffer's device."""
+        def take(source: torch.Tensor) -> torch.Tensor:
+            if empty is None:
+                return source.index_select(0, slots)
+            return torch.index_select(source, 0, slots, out=empty((len(slots), *source.shape[1:]), source.dtype))
+
         obs: dict[str, torch.Tensor] = {}
         next_obs: dict[str, torch.Tensor] = {}
         if self._stacks is not None:
-            obs[IMAGE], next_obs[IMAGE] = self._image_stacks(self._stacks.index_select(0, slots))
+            obs[IMAGE], next_obs[IMAGE] = self._image_stacks(self._stacks.index_select(0, slots), empty)
         if self._vector is not None and self._next_vector is not None:
-            obs[VECTOR] = self._vector.index_select(0, slots)
-            next_obs[VECTOR] = self._next_vector.index_select(0, slots)
-        return Transition(obs, self._action.index_select(0, slots), self._reward.index_select(0, slots), next_obs,
-                          self._terminated.index_select(0, slots))
+            obs[VECTOR], next_obs[VECTOR] = take(self._vector), take(self._next_vector)
+        return Transition(obs, take(self._action), take(self._reward), next_obs, take(self._terminated))
 
-    def _image_stacks(self, stacks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_stacks(self, stacks: torch.Tensor, empty: _Empty = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The obs and next_obs image stacks of transitions with these S+1 frame slots: frames [0..S-1], [1..S]."""
         assert self._frames is not None
         batch, stack, frame_shape = len(stacks), stacks.shape[1] - 1, self._frames.shape[1:]
@@ -422,11 +449,21 @@ class ReplayBuffer:
             # learner whose cores the env workers share that was 6x slower (11.5 ms per batch with torch's 16
             # threads against 2.0 ms with one, in runs on the 16-core GPU machine; BENCHMARKS.md, "Sampling in a
             # run").
-            pair = torch.from_numpy(np.take(self._frames.numpy(), slots.numpy(), axis=0))
+            # mode="clip" (the slots are the buffer's own, always in range): with "raise", numpy gathers into a
+            # temporary and copies that into `out` (perf/sample_ms 8.1 against 3.0 in an H200 run; BENCHMARKS.md).
+            out = None if empty is None else empty((len(slots), *frame_shape), torch.uint8).numpy()
+            pair = torch.from_numpy(np.take(self._frames.numpy(), slots.numpy(), axis=0, out=out, mode="clip"))
         else:
             pair = self._frames.index_select(0, slots)
         pair = pair.view(2, batch, stack, *frame_shape)
         return pair[0], pair[1]
+
+    def _batch_nbytes(self, batch_size: int) -> int:
+        """Bytes of a batch of ``batch_size``, as ``_gather`` lays it out in a staging area."""
+        row_nbytes = [self._action[0].nbytes, self._reward[0].nbytes, self._terminated[0].nbytes]
+        row_nbytes += [2 * t[0].nbytes for t in (self._vector,) if t is not None]
+        frames_nbytes = 2 * self._image_shape[0] * self._frames[0].nbytes if self._frames is not None else 0
+        return batch_size * (sum(row_nbytes) + frames_nbytes) + _PinnedStaging.ALIGN * (len(row_nbytes) + 2)
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -607,8 +644,8 @@ class ReplayBuffer:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 class _PinnedStaging:
-    """Pinned host memory that one ``add``'s rows pass through on their way to a CUDA buffer: two areas, used in
-    turn.
+    """Pinned host memory that data passes through on its way to a GPU (one ``add``'s rows to a CUDA buffer, or a CPU
+    buffer's batch to the learner): two areas, used in turn.
 
     A copy to the GPU from pageable memory waits for all queued GPU work (the learner's update) first. Pinning each
     write anew (``Tensor.pin_memory()``) avoids that wait but goes through torch's caching host allocator every time:
@@ -621,7 +658,7 @@ class _PinnedStaging:
     """Byte alignment of each staged array (a float32 or int32 view of the area needs at least 4)."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
-        self._device = device
+        self.device, self.nbytes = device, nbytes
         self._areas = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = self._used = 0
@@ -638,18 +675,42 @@ class _PinnedStaging:
             yield
         finally:
             self._copied[self._turn] = torch.cuda.Event()
-            self._copied[self._turn].record(torch.cuda.current_stream(self._device))
+            self._copied[self._turn].record(torch.cuda.current_stream(self.device))
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialized pinned memory of ``shape`` and ``dtype`` in this round's area, valid until its next round."""
+        start = -(-self._used // self.ALIGN) * self.ALIGN
+        end = start + math.prod(shape) * dtype.itemsize
+        area = self._areas[self._turn]
+        assert end <= len(area), f"staged {end} bytes, more than the {len(area)} this area was sized for"
+        self._used = end
+        return area[start:end].view(dtype).view(*shape)
 
     def stage(self, rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         """A pinned copy of ``rows`` as ``dtype``, valid until this area's next round."""
-        start = -(-self._used // self.ALIGN) * self.ALIGN
-        end = start + rows.size * dtype.itemsize
-        area = self._areas[self._turn]
-        assert end <= len(area), f"add() staged {end} bytes, more than the {len(area)} it was sized for"
-        staged = area[start:end].view(dtype).view(rows.shape)
+        staged = self.empty(rows.shape, dtype)
         staged.numpy()[...] = rows
-        self._used = end
         return staged
+
+    def copy(self) -> torch.Tensor:
+        """What this round staged, copied to the GPU as one asynchronous transfer."""
+        return self._areas[self._turn][:self._used].to(self.device, non_blocking=True)
+
+    def to_device(self, copied: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Maps a tensor staged in this round to its part of ``copied`` (``copy()``'s result)."""
+        base = self._areas[self._turn].data_ptr()
+
+        def on_device(staged: torch.Tensor) -> torch.Tensor:
+            start = staged.data_ptr() - base
+            return copied[start:start + staged.nbytes].view(staged.dtype).view(staged.shape)
+
+        return on_device
+
+
+def _mapped(batch: Transition, fn: Callable[[torch.Tensor], torch.Tensor]) -> Transition:
+    """``batch`` with ``fn`` applied to each of its tensors."""
+    return Transition({k: fn(v) for k, v in batch.obs.items()}, fn(batch.action), fn(batch.reward),
+                      {k: fn(v) for k, v in batch.next_obs.items()}, fn(batch.terminated))
 
 
 def _default_spare_frames(capacity: int) -> int:

@@ -399,7 +399,9 @@ class RolloutDataModule(pl.LightningDataModule):
             return batch
         self.requests_out -= 1
         t0 = time.perf_counter()
-        sample = self.trainer.precision_plugin.convert_input(self.buffer.sample(self.batch_size))
+        # Onto the learner's device here, through pinned memory (ReplayBuffer.sample): Lightning's copy is a no-op.
+        drawn = self.buffer.sample(self.batch_size, self.trainer.strategy.root_device)
+        sample = self.trainer.precision_plugin.convert_input(drawn)
         elapsed = time.perf_counter() - t0
         self.sampling_s += elapsed
         self.timings.add("sample_ms", elapsed)

@@ -31,6 +31,7 @@ class RankDump(pl.Callback):
                 "resumed_rng": self.resumed_rng,
                 "rewards": stored.reward.clone(),
                 "sync_checked": [c.checked for c in trainer.callbacks if isinstance(c, NoSyncAfter)],
+                "votes_checked": [c.votes_checked for c in trainer.callbacks if isinstance(c, NoSyncAfter)],
                 "bucket_views": {name: getattr(net, "gradient_as_bucket_view", None)
                                  for name, net in pl_module._trained.items()},
                 "captured": {name: getattr(getattr(pl_module, f"_{name}_step"), "graph", None) is not None
@@ -41,10 +42,26 @@ class RankDump(pl.Callback):
 
 
 class NoSyncAfter(pl.Callback):
-    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``."""
+    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``, and, under DDP, for the
+    signal vote at each batch start (counted in ``votes_checked``)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.checked = warmup, 0
+        self.warmup, self.checked, self.votes_checked = warmup, 0, 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        vote = loop._broadcast_sigterm_tensor
+
+        def checked_vote() -> None:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                vote()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            self.votes_checked += 1
+
+        if trainer.world_size > 1:
+            loop._broadcast_sigterm_tensor = checked_vote
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx >= self.warmup:

@@ -327,6 +327,34 @@ def test_cuda_buffer_rows_survive_a_gpu_that_lags_behind_the_adds() -> None:
     assert_holds_newest(buffer, naive)
 
 
+@needs_gpu
+@pytest.mark.parametrize("with_vector", [False, True])
+def test_cpu_buffer_batches_reach_the_gpu_as_drawn_while_the_gpu_lags(with_vector: bool) -> None:
+    """A CPU buffer's batch for a GPU learner is gathered into a pinned area that the sample after next refills, and
+    goes over in one asynchronous copy. With a long kernel queued before each sample, the host draws several batches
+    ahead of their copies; each must still arrive as drawn on the CPU, not as a later batch."""
+    scenario = Scenario(num_envs=2, stack=4, with_vector=with_vector, padding="reset", capacity=40, ample_frames=True,
+                        plan=[[99, 99, TERMINATE] * 10, [99, TRUNCATE] * 15])
+    buffer, _, _ = drive(scenario, "cpu", check_every_step=False)
+    twin = reloaded(buffer, scenario, "cpu")  # the same transitions and sampling RNG state
+    on_gpu = []
+    for _ in range(6):
+        torch.cuda._sleep(20_000_000)  # about 10 ms of GPU time queued ahead of this batch's copy
+        on_gpu.append(buffer.sample(16, "cuda"))
+    for got, want in zip(on_gpu, [twin.sample(16) for _ in range(6)], strict=True):
+        tensors = [*got.obs.values(), got.action, got.reward, *got.next_obs.values(), got.terminated]
+        assert {t.device.type for t in tensors} == {"cuda"}
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # one copy for the whole batch
+        for field in Transition._fields:
+            got_part, want_part = getattr(got, field), getattr(want, field)
+            if isinstance(want_part, dict):
+                assert got_part.keys() == want_part.keys()
+                for key in want_part:
+                    assert torch.equal(got_part[key].cpu(), want_part[key]), f"{field}[{key}]"
+            else:
+                assert torch.equal(got_part.cpu(), want_part), field
+
+
 def test_vector_only_buffer_keeps_obs_and_next_obs() -> None:
     buffer = ReplayBuffer(4, {"vector": (2,)}, 1, num_envs=2)
     rng = np.random.default_rng(0)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
 import yaml
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
 
 from lit_td3.config import ConfigError
-from lit_td3.distributed import TD3DDPStrategy, check_strategy
+from lit_td3.distributed import TD3DDPStrategy, _SignalVote, check_strategy
 from lit_td3.envs.carla.server import free_port
 from lit_td3.report.events import load_run
 from tests.test_cli import counters_of, lit_td3, python_module, small_run_config
@@ -189,7 +191,8 @@ def test_env_outputs_rejected_on_any_rank_are_counted_in_the_alert(tmp_path: Pat
 def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
     # Each network's all-reduce is queued on the GPU in its own backward: between log points a rank's updates never
     # sync the host, as on one GPU (test_graphs). Lightning's DDP around the whole module needs
-    # find_unused_parameters here, whose reducer copies a map to the host at the end of every backward.
+    # find_unused_parameters here, whose reducer copies a map to the host at the end of every backward. Nor does the
+    # signal vote at each batch start, where Lightning's SIGTERM broadcast read a GPU tensor back.
     probe = {"class_path": "tests.probes.NoSyncAfter", "init_args": {"warmup": 10}}
     config = ddp_config(tmp_path, total=400, every=10**6, probes=(probe,))  # no log point, checkpoint or evaluation
     done = lit_td3("fit", "--config", "configs/td3.yaml", "--config", str(config), "--trainer.strategy", "ddp",
@@ -200,6 +203,7 @@ def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
         dumped = torch.load(tmp_path / "run" / f"rank_{rank}.pt", weights_only=True)
         assert dumped["critic_updates"] > 20
         assert dumped["sync_checked"] == [dumped["critic_updates"] - 10]
+        assert dumped["votes_checked"][0] > dumped["critic_updates"]  # and no batch start's signal vote either
 
 
 @pytest.mark.parametrize("to", ["rank-0", "process-group", "group-env-workers-first"])
@@ -231,6 +235,32 @@ def test_sigterm_stops_every_rank_at_one_env_step_with_a_checkpoint_of_all(tmp_p
     assert state["buffer"]["env_step"] == steps
     assert state["buffer"]["transitions"] == [steps // 2, steps // 2]  # each rank's shard, written at the stop
     assert [(checkpoints / name).is_file() for name in state["buffer_files"]] == [True, True]
+
+
+def test_a_signal_is_acted_on_at_the_batch_after_the_vote_that_saw_it() -> None:
+    # The vote is posted at one batch start and read at the next, so that no batch waits for it; every rank reads the
+    # same result at the same batch. One rank (gloo, in this process) shows the timing; the 2-rank tests above and
+    # below, that the ranks act together.
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        requeued: list[int] = []
+        connector = SimpleNamespace(received_sigterm=False,
+                                    _slurm_sigusr_handler_fn=lambda signum, frame: requeued.append(signum))
+        vote = _SignalVote(SimpleNamespace(global_rank=0, _signal_connector=connector))
+        vote()
+        vote.note_requeue(signal.SIGUSR1, None)
+        vote()  # posts the requeue
+        assert requeued == []
+        vote.note_stop(signal.SIGTERM, None)
+        vote()  # requeues; posts the stop
+        assert requeued == [signal.SIGUSR1]
+        assert not connector.received_sigterm
+        with pytest.raises(SIGTERMException):
+            vote()
+        assert connector.received_sigterm
+        assert requeued == [signal.SIGUSR1]  # once
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_slurm_requeue_signal_checkpoints_every_rank_at_one_env_step_and_training_goes_on(tmp_path: Path) -> None:
