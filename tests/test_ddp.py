@@ -203,7 +203,7 @@ def test_two_gpu_updates_never_wait_for_the_host(tmp_path: Path) -> None:
         dumped = torch.load(tmp_path / "run" / f"rank_{rank}.pt", weights_only=True)
         assert dumped["critic_updates"] > 20
         assert dumped["sync_checked"] == [dumped["critic_updates"] - 10]
-        assert dumped["votes_checked"][0] > dumped["critic_updates"]  # and no batch start's signal vote either
+        assert dumped["votes_checked"][0] >= dumped["critic_updates"]  # nor any batch start's signal vote
 
 
 @pytest.mark.parametrize("to", ["rank-0", "process-group", "group-env-workers-first"])
