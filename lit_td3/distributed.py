@@ -146,19 +146,18 @@ class _SignalVote:
     all of them together; the requeue signal runs Lightning's own requeue there (its checkpoint, then ``scontrol
     requeue`` from rank 0), and training goes on.
 
-    The vote is taken on the host and read one batch late. Lightning's broadcast was a tensor on the training device,
-    read back at once: under NCCL, a host sync at every batch, waiting for the previous update's kernels and for the
-    other ranks (0.9 ms of a 12.9 ms batch on 2 GPUs; BENCHMARKS.md, "Where each rank's time goes"). Here each
-    batch start posts its notes to an all-reduce of CPU tensors in a gloo group of its own, which runs in gloo's
-    threads, and acts on the vote the batch before posted: every rank reads the same result at the same batch, so
-    they still act together, one batch after the signal would have been seen.
+    The vote is an all-reduce of CPU tensors in a gloo group of its own: it waits for the other ranks to reach the
+    batch start, not for any GPU work. Lightning's broadcast was a tensor on the training device, read back at once:
+    under NCCL a host sync at every batch, waiting for the previous update's kernels as well (0.9 ms of a 12.9 ms
+    batch on 2 GPUs; BENCHMARKS.md, "Where each rank's time goes"). It is read at once, not a batch later: a rank
+    that went on to its next env step after a SIGTERM would find its env workers dead of the same signal (SLURM
+    signals the whole job) and fail alone, where the others wait for it in a collective.
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer, self.stop, self.requeue = trainer, False, 0  # requeue: the signal's number once received
         self._requeue = trainer._signal_connector._slurm_sigusr_handler_fn  # Lightning's, run here at a batch start
         self._group = torch.distributed.new_group(backend="gloo")  # a collective: every rank's setup makes it
-        self._posted: tuple[Tensor, torch.distributed.Work] | None = None
 
     # The handlers only set a flag: anything more (even a print, whose stream the interrupted code may be writing)
     # can fail wherever the signal lands.
@@ -169,16 +168,9 @@ class _SignalVote:
         self.requeue = signum
 
     def __call__(self) -> None:
-        posted, self._posted = self._posted, None
-        if posted is not None:
-            votes, work = posted
-            work.wait()
-            self._act(*votes.tolist())
         votes = torch.tensor([int(self.stop), self.requeue])
-        self._posted = votes, torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX,
-                                                           group=self._group, async_op=True)
-
-    def _act(self, stop: int, requeue: int) -> None:
+        torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        stop, requeue = votes.tolist()
         if stop or requeue:
             signal_, action = ("SIGTERM", "stop") if stop else ("the requeue signal", "requeue")
             print(f"lit_td3: rank {self.trainer.global_rank}: a rank received {signal_}; all ranks {action} at this "
