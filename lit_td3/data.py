@@ -98,17 +98,22 @@ class RolloutStream(IterableDataset):
         envs = dm.training_envs()
         dm.timings.start(counters.env_steps, counters.critic_updates)
         overlapped = isinstance(envs, gym.vector.AsyncVectorEnv)
+        vote = getattr(self.agent.trainer.strategy, "signal_vote", None)  # under DDP (lit_td3.distributed)
         try:
             while counters.env_steps < dm.total_env_steps:
                 actions = dm.next_actions(self.agent)
-                if overlapped:
-                    envs.step_async(actions)
+                gone = _pipe_error(envs.step_async, actions)[1] if overlapped else None
                 # The previous step's transitions land in the buffer while the envs compute: every batch is drawn
                 # after this write, so it draws from the same transitions as it would with the write done first.
                 dm.write_transitions()
                 yield from self._batches_due()
-                with dm.timings.timed("env_ms"):
-                    step = envs.step_wait() if overlapped else envs.step(actions)
+                if gone is None:
+                    with dm.timings.timed("env_ms"):
+                        step, gone = _pipe_error(envs.step_wait) if overlapped else _pipe_error(envs.step, actions)
+                if vote is not None:
+                    vote()  # every rank, at this env step: a SIGTERM that broke a rank's env pipes stops them all
+                if gone is not None:
+                    raise gone
                 dm.record(actions, *step, agent=self.agent)
         except (BrokenPipeError, ConnectionResetError, EOFError) as err:
             # SLURM's preemption and `timeout` signal the whole process group: the env workers may die of the
@@ -132,6 +137,14 @@ class RolloutStream(IterableDataset):
             yield SampleRequest()
             # Time away from the generator, less the sampling done there: the update and Lightning's loop around it.
             dm.timings.add("update_ms", time.perf_counter() - t0 - (dm.sampling_s - sampling_s))
+
+
+def _pipe_error(call: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
+    """``(call(*args), None)``, or ``(None, error)`` when an env worker's pipe is broken (the worker is gone)."""
+    try:
+        return call(*args), None
+    except (BrokenPipeError, ConnectionResetError, EOFError) as err:
+        return None, err
 
 
 class EvaluationEpisodes(IterableDataset):

@@ -56,6 +56,10 @@ class TD3DDPStrategy(DDPStrategy):
 
     strategy_name = "td3_ddp"
 
+    signal_vote: _SignalVote | None = None
+    """With several processes: where the ranks agree to act on SIGTERM or SLURM's requeue signal; the rollout stream
+    takes the vote after each env step."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Lightning registers these on the one wrapper around the whole module (DDPStrategy._register_ddp_hooks),
         # which this strategy never builds: refused, rather than silently not applied.
@@ -68,11 +72,11 @@ class TD3DDPStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if trainer.world_size > 1:  # before the Trainer registers its signal handlers, which read the notifier
-            vote = _SignalVote(trainer)
+            self.signal_vote = vote = _SignalVote(trainer)
             connector = trainer._signal_connector
             connector._sigterm_notifier_fn = vote.note_stop
             connector._slurm_sigusr_handler_fn = vote.note_requeue
-            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = vote
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = _no_broadcast  # the stream's vote replaces it
 
     def configure_ddp(self) -> None:
         module = self.lightning_module
@@ -133,25 +137,28 @@ class _NetworksReturningLauncher(_MultiProcessingLauncher):
 
 
 class _SignalVote:
-    """SIGTERM and SLURM's requeue signal under DDP, acted on by all ranks together at the start of a batch.
+    """SIGTERM and SLURM's requeue signal under DDP, acted on by all ranks together after the same env step.
 
     Lightning (2.6) acts on both inside its signal handlers, wherever the signal lands: for SIGTERM it broadcasts
     rank 0's flag (its PR #20825), and for SLURM's requeue signal (SIGUSR1, with ``auto_requeue``) it saves a
     checkpoint, whose state is gathered from all ranks. Such a collective can meet a different one on another rank (a
     gradient all-reduce, the guard's loss sum): a 2-rank fit sent SIGTERM deadlocked so (the requeue signal did not,
     in the one run tried). Lightning's loop also stops a rank on its own SIGTERM flag after a batch, where another
-    rank may go on to the next one. Here the handlers only note a signal, and at the start of every batch, where
-    Lightning broadcast the flag, the ranks take the maximum of their notes: a signal to any rank (SLURM signals them
-    all) acts on every rank at the same batch. SIGTERM stops them there, where ``EnvStepCheckpoint`` saves the state of
-    all of them together; the requeue signal runs Lightning's own requeue there (its checkpoint, then ``scontrol
-    requeue`` from rank 0), and training goes on.
+    rank may go on to the next one. Here the handlers only note a signal, and after every vector env step (where the
+    rollout stream calls the vote, and every rank reaches it in lockstep) the ranks take the maximum of their notes: a
+    signal to any rank (SLURM signals them all) acts on every rank at the same env step. SIGTERM stops them there,
+    where ``EnvStepCheckpoint`` saves the state of all of them together; the requeue signal runs Lightning's own
+    requeue there (its checkpoint, then ``scontrol requeue`` from rank 0), and training goes on.
 
-    The vote is an all-reduce of CPU tensors in a gloo group of its own: it waits for the other ranks to reach the
-    batch start, not for any GPU work. Lightning's broadcast was a tensor on the training device, read back at once:
-    under NCCL a host sync at every batch, waiting for the previous update's kernels as well (0.9 ms of a 12.9 ms
-    batch on 2 GPUs; BENCHMARKS.md, "Where each rank's time goes"). It is read at once, not a batch later: a rank
-    that went on to its next env step after a SIGTERM would find its env workers dead of the same signal (SLURM
-    signals the whole job) and fail alone, where the others wait for it in a collective.
+    After the env step, not at a batch start (where Lightning broadcast its flag): SLURM's SIGTERM also kills the env
+    workers, and a rank that had passed the batch start's vote before the signal then found their pipes broken in
+    its env step, and failed alone while the others waited for it in a collective (exit 1 or a hang). The stream
+    holds such an error back until the vote, which stops every rank.
+
+    The vote is an all-reduce of CPU tensors in a gloo group of its own: it waits for the other ranks, not for any
+    GPU work. Lightning's broadcast was a tensor on the training device, read back at once: under NCCL a host sync at
+    every batch, waiting for the previous update's kernels as well (0.9 ms of a 12.9 ms batch on 2 GPUs;
+    BENCHMARKS.md, "Where each rank's time goes").
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
@@ -174,13 +181,17 @@ class _SignalVote:
         if stop or requeue:
             signal_, action = ("SIGTERM", "stop") if stop else ("the requeue signal", "requeue")
             print(f"lit_td3: rank {self.trainer.global_rank}: a rank received {signal_}; all ranks {action} at this "
-                  "batch", file=sys.stderr)
+                  "env step", file=sys.stderr)
         if requeue:
             self.requeue = 0
             self._requeue(requeue, None)
         if stop:
             self.trainer._signal_connector.received_sigterm = True
             raise SIGTERMException()
+
+
+def _no_broadcast() -> None:
+    """In place of Lightning's per-batch SIGTERM broadcast under DDP (``_SignalVote`` acts on the signal)."""
 
 
 StrategyRegistry.register(TD3DDPStrategy.strategy_name, TD3DDPStrategy,

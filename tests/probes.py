@@ -42,15 +42,14 @@ class RankDump(pl.Callback):
 
 
 class NoSyncAfter(pl.Callback):
-    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``, and, under DDP, for the
-    signal vote at each batch start (counted in ``votes_checked``)."""
+    """CUDA's sync debug mode set to raise for the span of every batch after ``warmup``, and, under DDP, for every
+    signal vote of the rollout stream (counted in ``votes_checked``)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.checked, self.votes_checked = warmup, 0, 0
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        loop = trainer.fit_loop.epoch_loop
-        vote = loop._broadcast_sigterm_tensor
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:  # before the stream looks the vote up
+        vote = getattr(trainer.strategy, "signal_vote", None)
 
         def checked_vote() -> None:
             torch.cuda.set_sync_debug_mode("error")
@@ -60,8 +59,8 @@ class NoSyncAfter(pl.Callback):
                 torch.cuda.set_sync_debug_mode("default")
             self.votes_checked += 1
 
-        if trainer.world_size > 1:
-            loop._broadcast_sigterm_tensor = checked_vote
+        if vote is not None:
+            trainer.strategy.signal_vote = checked_vote
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if batch_idx >= self.warmup:

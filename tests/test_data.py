@@ -55,7 +55,8 @@ class FakeAgent:
     def __init__(self, action: float = 0.5) -> None:
         self.counters = RunCounters()
         self.log_every_n_env_steps = 1000
-        self.trainer = SimpleNamespace(should_stop=False, received_sigterm=False)
+        self.trainer = SimpleNamespace(should_stop=False, received_sigterm=False,
+                                       strategy=SimpleNamespace(signal_vote=None))
         self.action = action
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -262,6 +263,27 @@ def test_an_env_step_that_fails_to_start_leaves_every_counted_step_in_the_buffer
     with pytest.raises(BrokenPipeError):
         break_the_env_pipe_at(dm, agent, envs, 16, after_sigterm=False)
     # What a crash checkpoint would save: the transitions of all 16 counted env steps, the last written on the way out.
+    assert agent.counters.env_steps == len(dm.buffer) == 16
+
+
+@pytest.mark.parametrize("after_sigterm", [True, False])
+def test_under_ddp_a_broken_env_pipe_waits_for_the_signal_vote_of_its_env_step(after_sigterm: bool) -> None:
+    # SLURM's SIGTERM kills the env workers too. A rank that met their broken pipe and raised at once would stop alone
+    # while the other ranks wait for it in a collective; the stream holds the error until the signal vote after the
+    # env step, which every rank reaches. Here the vote stops the ranks when this rank noted SIGTERM (as
+    # lit_td3.distributed._SignalVote); without one, the env failure is raised after it.
+    dm, agent, envs = async_pendulum_stream()
+    votes: list[int] = []
+
+    def vote() -> None:
+        votes.append(agent.counters.env_steps)
+        if agent.trainer.received_sigterm:
+            raise SIGTERMException()
+
+    agent.trainer.strategy.signal_vote = vote
+    with pytest.raises(SIGTERMException if after_sigterm else BrokenPipeError):
+        break_the_env_pipe_at(dm, agent, envs, 16, after_sigterm=after_sigterm)
+    assert votes == list(range(0, 17, 2))  # one per vector step of 2 envs, the failed one's included
     assert agent.counters.env_steps == len(dm.buffer) == 16
 
 
