@@ -36,7 +36,7 @@ RATE = 100
 
 STAGES = (
     # (stage, the frames that mark it): the first stage with a marker in a sample's stack takes the sample
-    ("the per-batch SIGTERM check under DDP (Lightning's broadcast or lit_td3's vote)",
+    ("the SIGTERM check under DDP (Lightning's per-batch broadcast, or lit_td3's vote after each env step)",
      ("_TrainingEpochLoop._broadcast_sigterm_tensor", "_SignalVote.__call__")),
     ("sampling from the buffer (numpy frame gather; the copy to the GPU, where it issues it)", ("ReplayBuffer.sample",)),
     ("batch to the GPU (Lightning's copy)", ("Strategy.batch_to_device",)),
