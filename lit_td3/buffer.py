@@ -403,7 +403,8 @@ class ReplayBuffer:
         to = self._device if device is None else torch.device(device)
         if to.type == "cuda" and self._device.type == "cpu":
             return self._gather_to_gpu(slots, to)
-        return _mapped(self._gather(slots), lambda t: t.to(to))
+        batch = self._gather(slots)
+        return batch if to == self._device else _mapped(batch, lambda t: t.to(to))
 
     def _gather_to_gpu(self, slots: torch.Tensor, device: torch.device) -> Transition:
         staging, nbytes = self._sample_staging, self._batch_nbytes(len(slots))

@@ -115,7 +115,7 @@ class RolloutStream(IterableDataset):
                 if gone is not None:
                     raise gone
                 dm.record(actions, *step, agent=self.agent)
-        except (BrokenPipeError, ConnectionResetError, EOFError) as err:
+        except _PIPE_ERRORS as err:
             # SLURM's preemption and `timeout` signal the whole process group: the env workers may die of the
             # SIGTERM before this process stops at the end of its batch. That is the stop, not an env failure.
             if self.agent.trainer.received_sigterm:
@@ -139,11 +139,15 @@ class RolloutStream(IterableDataset):
             dm.timings.add("update_ms", time.perf_counter() - t0 - (dm.sampling_s - sampling_s))
 
 
+_PIPE_ERRORS = (BrokenPipeError, ConnectionResetError, EOFError)
+"""What an env step raises when an async env worker is gone."""
+
+
 def _pipe_error(call: Callable[..., Any], *args: Any) -> tuple[Any, Exception | None]:
     """``(call(*args), None)``, or ``(None, error)`` when an env worker's pipe is broken (the worker is gone)."""
     try:
         return call(*args), None
-    except (BrokenPipeError, ConnectionResetError, EOFError) as err:
+    except _PIPE_ERRORS as err:
         return None, err
 
 

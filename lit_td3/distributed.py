@@ -163,7 +163,7 @@ class _SignalVote:
 
     def __init__(self, trainer: pl.Trainer) -> None:
         self.trainer, self.stop, self.requeue = trainer, False, 0  # requeue: the signal's number once received
-        self._requeue = trainer._signal_connector._slurm_sigusr_handler_fn  # Lightning's, run here at a batch start
+        self._requeue = trainer._signal_connector._slurm_sigusr_handler_fn  # Lightning's, run here after a vote
         self._group = torch.distributed.new_group(backend="gloo")  # a collective: every rank's setup makes it
 
     # The handlers only set a flag: anything more (even a print, whose stream the interrupted code may be writing)
